@@ -1,0 +1,38 @@
+"""Exception types and one helper that writes messages in the expected / got / how-to-fix form.
+
+Every error raised by gradnoise says three things: what was expected, what was given, and what the
+user can do about it. ``explain`` builds that message so the three parts always appear in the same
+order, which also keeps the tests that match on them short.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GradNoiseError",
+    "UnsupportedModuleError",
+    "BatchCouplingError",
+    "NotReadyError",
+    "explain",
+]
+
+
+class GradNoiseError(ValueError):
+    """Base class of every error gradnoise raises on bad input or misuse."""
+
+
+class UnsupportedModuleError(GradNoiseError):
+    """A module owns parameters that no rule covers and the fallback is disabled."""
+
+
+class BatchCouplingError(GradNoiseError):
+    """A module mixes examples of the batch, so per-example gradients are not defined."""
+
+
+class NotReadyError(GradNoiseError, RuntimeError):
+    """Results were asked for before they exist (for example, before any backward pass)."""
+
+
+def explain(what: str, *, expected: str, got: str, fix: str) -> str:
+    """Return ``"<what>: expected <expected>, got <got>. <fix>"`` with consistent punctuation."""
+    fix = fix.rstrip(".") + "."
+    return f"{what}: expected {expected}, got {got}. {fix[0].upper()}{fix[1:]}"

@@ -1,0 +1,119 @@
+r"""``F.linear`` with any number of leading dims: per-example pieces by product, Gram or bmm.
+
+Input :math:`A_i \in R^{T \times d_{in}}` and output gradient :math:`G_i \in R^{T \times d_{out}}`
+of example i (T = product of the non-batch leading dims, 1 for plain (B, d) inputs). The
+per-example weight gradient is :math:`W_i = G_i^T A_i`; three ways to get its pieces:
+
+* **product** (T = 1): :math:`\|W_i\|^2 = \|a_i\|^2 \|g_i\|^2`, elementwise squares
+  :math:`\sum_i W_i^{\circ 2} = (G^{\circ 2})^T A^{\circ 2}` (one GEMM of squares).
+* **gram**: :math:`\|W_i\|^2 = \langle A_i A_i^T, G_i G_i^T \rangle` costs
+  :math:`B T^2 (d_{in} + d_{out})` multiply-adds on top of the usual weight-gradient GEMM.
+* **bmm**: materialize :math:`W_i` with one batched GEMM (the same FLOPs as the weight gradient,
+  which is then their sum), then reduce: a few passes over :math:`B d_{in} d_{out}` numbers.
+
+The cost model compares the extra work of gram and bmm per call; elementwise squares and shared
+parameters need the per-example gradients, hence bmm (or product when T = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, register
+
+__all__ = ["BMM_PASS_COST", "BMM_CHUNK_BYTES", "LinearRule", "choose_method"]
+
+# Multiply-adds that one pass over one element of the materialized per-example gradients is
+# worth, times the passes bmm makes (sum, squared norm). Memory-bound passes cost tens of
+# multiply-adds per element on CPUs; benchmarks/engine_overhead.py measures both paths.
+BMM_PASS_COST = 24.0
+# Per-example gradients are materialized in batch chunks of at most this many bytes.
+BMM_CHUNK_BYTES = 256 * 2**20
+
+
+def choose_method(batch: int, seq: int, d_in: int, d_out: int, request: Request) -> str:
+    """Pick ``product``, ``gram`` or ``bmm`` for one call by the cost model of the docstring."""
+    if seq == 1:
+        return "product"
+    if request.elementwise or request.materialize:
+        return "bmm"
+    gram_cost = batch * seq * seq * (d_in + d_out)
+    bmm_cost = BMM_PASS_COST * batch * d_in * d_out
+    return "gram" if gram_cost <= bmm_cost else "bmm"
+
+
+class LinearRule:
+    name = "linear"
+    param_roles = ("weight", "bias")
+
+    def bind(self, input, weight, bias=None) -> dict[str, Any]:
+        return {"input": input, "weight": weight, "bias": bias}
+
+    def check(self, bound: dict[str, Any]) -> None:
+        pass
+
+    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
+        return F.linear(bound["input"], bound["weight"], bound["bias"])
+
+    def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
+        batch = grad_output.shape[0]
+        acts = bound["input"].reshape(batch, -1, bound["input"].shape[-1])
+        grads = grad_output.reshape(batch, -1, grad_output.shape[-1])
+        pieces = {}
+        if "weight" in roles:
+            pieces["weight"] = _weight_pieces(acts, grads, request)
+        if "bias" in roles:
+            pieces["bias"] = pieces_from_per_example(grads.sum(1), request, "product")
+        return pieces
+
+
+def _weight_pieces(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
+    batch, seq, d_in = acts.shape
+    method = choose_method(batch, seq, d_in, grads.shape[-1], request)
+    if method == "product":
+        return _product(acts[:, 0], grads[:, 0], request)
+    if method == "gram":
+        return _gram(acts, grads)
+    return _bmm(acts, grads, request)
+
+
+def _product(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
+    if request.materialize:
+        return pieces_from_per_example(torch.einsum("bo,bi->boi", grads, acts), request, "product")
+    grad = grads.T @ acts
+    sq_norms = grads.pow(2).sum(1) * acts.pow(2).sum(1)
+    elem_sq = grads.pow(2).T @ acts.pow(2) if request.elementwise else None
+    return Pieces(grad, sq_norms, elem_sq, None, "product")
+
+
+def _gram(acts: torch.Tensor, grads: torch.Tensor) -> Pieces:
+    grad = grads.flatten(0, 1).T @ acts.flatten(0, 1)
+    gram_products = torch.bmm(acts, acts.mT) * torch.bmm(grads, grads.mT)
+    return Pieces(grad, gram_products.sum((1, 2)), None, None, "gram")
+
+
+def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
+    if request.materialize:
+        return pieces_from_per_example(torch.bmm(grads.mT, acts), request, "bmm")
+    batch, _, d_in = acts.shape
+    bytes_per_example = d_in * grads.shape[-1] * acts.element_size()
+    chunk = max(1, BMM_CHUNK_BYTES // bytes_per_example)
+    parts = [
+        pieces_from_per_example(torch.bmm(g.mT, a), request, "bmm")
+        for a, g in zip(acts.split(chunk), grads.split(chunk), strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return Pieces(
+        grad=sum(p.grad for p in parts),
+        sq_norms=torch.cat([p.sq_norms for p in parts]),
+        elem_sq=sum(p.elem_sq for p in parts) if request.elementwise else None,
+        per_example=None,
+        method="bmm",
+    )
+
+
+register(LinearRule(), F.linear)

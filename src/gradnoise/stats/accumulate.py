@@ -1,0 +1,87 @@
+"""Accumulate one parameter's per-example pieces over its uses in one backward pass.
+
+A parameter used once contributes squared norms directly. A parameter used k > 1 times (tied
+embeddings, a module called twice) has per-example gradient :math:`g_i = \\sum_u g_{i,u}`, whose
+squared norm has cross terms between uses; its uses therefore hand over materialized per-example
+gradients, summed here, and the norms are taken at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.layers.registry import Pieces
+from gradnoise.stats.moments import GradMoments
+
+__all__ = ["Accumulator", "check_residual"]
+
+
+class Accumulator:
+    """Running sums of one parameter's pieces (in autograd's gradient scale)."""
+
+    def __init__(self, pieces: Pieces) -> None:
+        self.grad = pieces.grad
+        self._sq_norms = pieces.sq_norms
+        self._elem_sq = pieces.elem_sq
+        self._per_example = pieces.per_example
+        self.methods = [pieces.method]
+
+    def add(self, pieces: Pieces) -> None:
+        self.grad = self.grad + pieces.grad
+        self.methods.append(pieces.method)
+        if self._per_example is None or pieces.per_example is None:
+            raise AssertionError("shared parameters must be materialized on every use")
+        self._per_example = self._per_example + pieces.per_example
+
+    def sq_norms(self) -> torch.Tensor:
+        if self._per_example is not None:
+            flat = self._per_example.reshape(self._per_example.shape[0], -1)
+            return torch.linalg.vector_norm(flat, dim=1).pow(2)
+        return self._sq_norms
+
+    def elem_sq(self) -> torch.Tensor | None:
+        if self._per_example is not None:
+            return self._per_example.pow(2).sum(0)
+        return self._elem_sq
+
+    def moments(self, batch: int, scale: float, elementwise: bool) -> GradMoments:
+        """The record in per-example scale: gradients times ``scale`` (B for a mean loss)."""
+        elem_sq = self.elem_sq() if elementwise else None
+        return GradMoments(
+            n=batch,
+            grad_sum=self.grad * scale,
+            sq_norm_sum=self.sq_norms().sum() * scale**2,
+            elem_sq_sum=None if elem_sq is None else elem_sq * scale**2,
+        )
+
+    def method(self) -> str:
+        """The coverage entry: the method, and how many uses when shared."""
+        distinct = "+".join(sorted(set(self.methods)))
+        uses = len(self.methods)
+        return distinct if uses == 1 else f"{distinct} (shared by {uses} uses)"
+
+
+def check_residual(
+    name: str, residual: torch.Tensor, total: torch.Tensor, acc: Accumulator | None
+) -> None:
+    """Raise if autograd's gradient differs from the sum of the measured per-example gradients.
+
+    Tolerance: 1e-3 of the gradient norm in float32 (summation order differs between the rules'
+    reductions and autograd's), 1e-8 in float64.
+    """
+    tolerance = 1e-8 if total.dtype == torch.float64 else 1e-3
+    if float(residual) <= tolerance * max(float(total), 1e-30):
+        return
+    where = "no measured layer" if acc is None else "layers gradnoise measures only in part"
+    raise GradNoiseError(
+        explain(
+            f"parameter {name!r}",
+            expected="a gradient that is the sum of the per-example gradients gradnoise measured",
+            got=f"a gradient that reached it through {where} (relative difference "
+            f"{float(residual) / max(float(total), 1e-30):.2e}), e.g. `x @ W.T` on a tracked "
+            "weight instead of F.linear, or a regularizer added to the loss",
+            fix="use the module or F.linear/F.embedding on the parameter, and add weight decay "
+            "through the optimizer rather than the loss inside the block",
+        )
+    )

@@ -1,0 +1,214 @@
+r"""Gradient-noise quantities as pure functions of :class:`GradMoments`.
+
+Notation: per-example gradients :math:`g_1..g_n` with mean :math:`\bar g`, true gradient
+:math:`G = E[g_i]` and per-example covariance :math:`\Sigma`. All functions here read only a
+record, so they work the same for one batch, merged micro-batches or merged ranks.
+
+Unbiased estimators (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+appendix A.1, with the small batch being single examples, B_small = 1, and B_big = n):
+
+.. math::
+    \widehat{\mathrm{tr}\,\Sigma} = \frac{\sum_i \|g_i\|^2 - n \|\bar g\|^2}{n - 1},\qquad
+    \widehat{\|G\|^2} = \|\bar g\|^2 - \frac{\widehat{\mathrm{tr}\,\Sigma}}{n},\qquad
+    B_\text{simple} = \frac{\mathrm{tr}\,\Sigma}{\|G\|^2}.
+
+The general two-batch-size form is :func:`two_batch_estimates`; a ratio of averages, never an
+average of ratios, is the right way to combine steps (see ``NoiseScale``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.stats.moments import GradMoments, total_moments
+
+__all__ = [
+    "NoiseScaleEstimate",
+    "NormTestResult",
+    "elementwise_variance",
+    "gradient_noise_scale",
+    "gsnr",
+    "layer_gsnr",
+    "noise_scale_per_layer",
+    "norm_test",
+    "trace_covariance",
+    "two_batch_estimates",
+]
+
+
+def _require_two_examples(moments: GradMoments, quantity: str) -> None:
+    if moments.n < 2:
+        raise GradNoiseError(
+            explain(
+                quantity,
+                expected="moments of at least 2 examples (a variance needs two samples)",
+                got=f"n={moments.n}",
+                fix="use a batch size of 2 or more, or merge several steps' moments first",
+            )
+        )
+
+
+def _require_elementwise(moments: GradMoments, quantity: str) -> torch.Tensor:
+    if moments.elem_sq_sum is None:
+        raise GradNoiseError(
+            explain(
+                quantity,
+                expected="moments with elem_sq_sum",
+                got="elem_sq_sum=None",
+                fix="measure with GradStats(model, elementwise=True)",
+            )
+        )
+    return moments.elem_sq_sum
+
+
+def elementwise_variance(moments: GradMoments) -> torch.Tensor:
+    r"""Unbiased per-coordinate variance of the per-example gradients.
+
+    :math:`\hat\sigma^2_j = (\sum_i g_{ij}^2 - n \bar g_j^2) / (n - 1)`.
+    """
+    _require_two_examples(moments, "elementwise_variance")
+    elem = _require_elementwise(moments, "elementwise_variance")
+    mean = moments.mean
+    return (elem - moments.n * mean * mean) / (moments.n - 1)
+
+
+def trace_covariance(moments: GradMoments) -> torch.Tensor:
+    r"""Unbiased :math:`\mathrm{tr}\,\Sigma = (\sum_i \|g_i\|^2 - n\|\bar g\|^2)/(n-1)`."""
+    _require_two_examples(moments, "trace_covariance")
+    mean_sq_norm = moments.mean.pow(2).sum()
+    return (moments.sq_norm_sum - moments.n * mean_sq_norm) / (moments.n - 1)
+
+
+def two_batch_estimates(
+    small_sq_norm: torch.Tensor | float,
+    b_small: float,
+    big_sq_norm: torch.Tensor | float,
+    b_big: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Unbiased :math:`(\|G\|^2, \mathrm{tr}\,\Sigma)` from gradient norms at two batch sizes.
+
+    McCandlish et al. 2018, A.1: with :math:`E\|g_B\|^2 = \|G\|^2 + \mathrm{tr}\Sigma / B`,
+
+    .. math::
+        \|G\|^2 \approx \frac{B_\text{big}\|g_\text{big}\|^2 - B_\text{small}\|g_\text{small}\|^2}
+                             {B_\text{big} - B_\text{small}},\qquad
+        \mathrm{tr}\Sigma \approx \frac{\|g_\text{small}\|^2 - \|g_\text{big}\|^2}
+                                   {1/B_\text{small} - 1/B_\text{big}}.
+
+    ``small_sq_norm`` is the average squared norm of the small-batch gradients.
+    """
+    if not 0 < b_small < b_big:
+        raise GradNoiseError(
+            explain(
+                "two_batch_estimates",
+                expected="0 < b_small < b_big",
+                got=f"b_small={b_small}, b_big={b_big}",
+                fix="pass the per-micro-batch size as b_small and the total batch as b_big",
+            )
+        )
+    small = torch.as_tensor(small_sq_norm)
+    big = torch.as_tensor(big_sq_norm)
+    grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
+    trace = (small - big) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """One estimate of the simple noise scale and its two ingredients.
+
+    ``b_simple`` is NaN when the |G|^2 estimate is not positive: the batch is then far below the
+    noise scale and the data cannot tell how far. ``defined`` says which case holds; nothing is
+    clipped into a confident-looking number.
+    """
+
+    trace_sigma: float
+    grad_sq_norm: float
+    b_simple: float
+    n: int
+
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.b_simple)
+
+
+def _estimate(trace: torch.Tensor, grad_sq: torch.Tensor, n: int) -> NoiseScaleEstimate:
+    trace_value, grad_sq_value = float(trace), float(grad_sq)
+    b_simple = trace_value / grad_sq_value if grad_sq_value > 0 else math.nan
+    return NoiseScaleEstimate(trace_value, grad_sq_value, b_simple, n)
+
+
+def gradient_noise_scale(
+    moments: GradMoments | Mapping[str, GradMoments],
+) -> NoiseScaleEstimate:
+    r"""Simple noise scale :math:`B_\text{simple} = \mathrm{tr}\Sigma / \|G\|^2` of one batch.
+
+    Accepts one record or a mapping of per-parameter records (then the whole model: traces and
+    squared norms add over parameters). Uses the unbiased estimators of the module docstring.
+    """
+    record = total_moments(moments) if isinstance(moments, Mapping) else moments
+    trace = trace_covariance(record)
+    grad_sq = record.mean.pow(2).sum() - trace / record.n
+    return _estimate(trace, grad_sq, record.n)
+
+
+def noise_scale_per_layer(per_param: Mapping[str, GradMoments]) -> dict[str, NoiseScaleEstimate]:
+    """:func:`gradient_noise_scale` of every parameter's record separately."""
+    return {name: gradient_noise_scale(record) for name, record in per_param.items()}
+
+
+def gsnr(moments: GradMoments, *, eps: float = 1e-30) -> torch.Tensor:
+    r"""Per-coordinate gradient signal-to-noise ratio :math:`r_j = \bar g_j^2 / \hat\sigma_j^2`.
+
+    Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
+    Parameters". ``eps`` guards coordinates with zero variance (e.g. unused embedding rows).
+    """
+    variance = elementwise_variance(moments)
+    return moments.mean.pow(2) / variance.clamp_min(eps)
+
+
+def layer_gsnr(moments: GradMoments, *, eps: float = 1e-30) -> float:
+    """The mean GSNR over a parameter's coordinates (the per-layer summary Liu et al. plot)."""
+    return float(gsnr(moments, eps=eps).mean())
+
+
+@dataclass(frozen=True)
+class NormTestResult:
+    r"""The norm test of Byrd et al. 2012 / Bollapragada et al. 2018.
+
+    ``statistic`` is :math:`(\mathrm{tr}\Sigma / n) / \|\bar g\|^2`, the relative variance of the
+    batch gradient; the batch passes when ``statistic <= theta**2``. ``suggested_batch_size`` is
+    the smallest n that would pass, :math:`\mathrm{tr}\Sigma / (\theta^2 \|\bar g\|^2)`.
+    """
+
+    statistic: float
+    theta: float
+    passed: bool
+    suggested_batch_size: float
+
+
+def norm_test(
+    moments: GradMoments | Mapping[str, GradMoments], *, theta: float = 0.9
+) -> NormTestResult:
+    """Run the norm test on one record or on a whole model's per-parameter records."""
+    if theta <= 0:
+        raise GradNoiseError(
+            explain(
+                "norm_test theta",
+                expected="a positive float",
+                got=repr(theta),
+                fix="use a value such as 0.9 (looser) or 0.5 (stricter)",
+            )
+        )
+    record = total_moments(moments) if isinstance(moments, Mapping) else moments
+    trace = float(trace_covariance(record))
+    mean_sq = float(record.mean.pow(2).sum())
+    if mean_sq == 0.0:
+        return NormTestResult(math.inf, theta, False, math.inf)
+    statistic = trace / record.n / mean_sq
+    return NormTestResult(statistic, theta, statistic <= theta**2, trace / (theta**2 * mean_sq))
