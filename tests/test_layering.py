@@ -14,6 +14,7 @@ RANKS = {
     "errors": 0,
     "layers": 1,
     "workloads": 1,
+    "perturbation": 1,
     "stats": 2,
     "estimators": 3,
     "optim": 3,
