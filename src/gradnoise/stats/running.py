@@ -1,0 +1,207 @@
+r"""NoiseScale: a running simple noise scale with a confidence interval.
+
+Every step gives unbiased estimates :math:`t_s` of :math:`\mathrm{tr}\,\Sigma` and :math:`q_s` of
+:math:`\|G\|^2` (per parameter; whole-model values are their sums). McCandlish et al. 2018
+(appendix A.1) average the two *separately* and divide afterwards,
+
+.. math::
+    \hat B_\text{simple} = \frac{\sum_s w_s t_s}{\sum_s w_s q_s},
+
+with weights :math:`w_s` of a bias-corrected exponential average (``beta``) or a sliding window
+of the last ``window`` steps. Averaging per-step ratios instead is biased (a ratio of noisy
+numbers), which is why ratios are never averaged here.
+
+**Interval.** Steps are treated as independent draws (batch means: each step's batch is one
+"batch"). With :math:`\bar t, \bar q` the weighted means, :math:`C` the weighted sample covariance
+of :math:`(t_s, q_s)` (divided by :math:`1 - \sum w_s^2`, weights normalized) and
+:math:`V = C \sum_s w_s^2` the covariance of the means, the interval is Fieller's for the ratio of
+two means: all :math:`R \ge 0` with
+
+.. math::
+    (\bar t - R \bar q)^2 \le z^2 (V_{tt} - 2 R V_{tq} + R^2 V_{qq}),
+
+:math:`z` the normal quantile of ``confidence``. When :math:`\bar q` is not significantly positive
+the set is unbounded and ``ci_high`` is ``inf``; ``b_simple`` itself is NaN whenever
+:math:`\bar q \le 0`. The interval assumes a stationary gradient distribution over the averaging
+horizon; in training, keep the horizon short relative to how fast the noise scale moves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.stats.averaging import EmaAverage, WindowAverage, fieller_interval
+from gradnoise.stats.engine import GradStats
+from gradnoise.stats.moments import GradMoments
+from gradnoise.stats.quantities import trace_covariance
+from gradnoise.stats.twobatch import TwoBatchNorms
+
+__all__ = ["NoiseScale", "NoiseScaleReading", "step_estimates"]
+
+Source = GradStats | Mapping[str, GradMoments] | GradMoments | TwoBatchNorms
+
+
+@dataclass(frozen=True)
+class NoiseScaleReading:
+    """One reading of :class:`NoiseScale` (floats; NaN where undefined, never clipped)."""
+
+    b_simple: float
+    ci_low: float
+    ci_high: float
+    trace_sigma: float
+    grad_sq_norm: float
+    per_layer: dict[str, float]
+    steps: int
+    defined: bool
+
+
+def _moments_estimates(record: GradMoments) -> tuple[torch.Tensor, torch.Tensor]:
+    trace = trace_covariance(record)
+    return trace, record.mean.pow(2).sum() - trace / record.n
+
+
+def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Per-parameter unbiased ``(names, tr Sigma, |G|^2)`` of one step, as float64 vectors.
+
+    A bare :class:`GradMoments` gives one entry named ``""``.
+    """
+    if isinstance(source, GradStats):
+        source = source.moments()
+    if isinstance(source, GradMoments):
+        source = {"": source}
+    if isinstance(source, TwoBatchNorms):
+        pairs = {name: (trace, sq) for name, (sq, trace) in source.estimates().items()}
+    elif isinstance(source, Mapping) and source:
+        pairs = {name: _moments_estimates(record) for name, record in source.items()}
+    else:
+        raise GradNoiseError(
+            explain(
+                "NoiseScale.update",
+                expected="GradStats, a non-empty dict of GradMoments, GradMoments or TwoBatchNorms",
+                got=type(source).__name__ if not isinstance(source, Mapping) else "an empty dict",
+                fix="pass stats (after backward), stats.moments() or MicroBatchNorms.record()",
+            )
+        )
+    names = list(pairs)
+    traces = torch.stack([torch.as_tensor(pairs[n][0]).to(torch.float64) for n in names])
+    sqs = torch.stack([torch.as_tensor(pairs[n][1]).to(torch.float64) for n in names])
+    return names, traces, sqs
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+class NoiseScale:
+    """Running :math:`B_\\text{simple}` with a confidence interval (see the module docstring).
+
+    Example::
+
+        noise = NoiseScale(beta=0.95)
+        for x, y in loader:
+            with GradStats(model) as stats:
+                loss_fn(model(x), y).backward()
+            noise.update(stats)          # tensor ops only, no host sync
+            optimizer.step(); optimizer.zero_grad()
+        reading = noise.estimate()       # the only host sync
+        reading.b_simple, reading.ci_low, reading.ci_high
+
+    Args:
+        beta: weight of the past in the bias-corrected exponential average (0 <= beta < 1).
+        window: if given, average the last ``window`` steps with equal weights instead.
+        confidence: coverage of the interval, in (0, 1).
+    """
+
+    def __init__(
+        self, *, beta: float = 0.95, window: int | None = None, confidence: float = 0.9
+    ) -> None:
+        _check("beta", beta, 0 <= beta < 1, "a float in [0, 1)", "e.g. beta=0.95")
+        ok = window is None or (isinstance(window, int) and window >= 2)
+        _check("window", window, ok, "None or an int >= 2", "e.g. window=100")
+        _check("confidence", confidence, 0 < confidence < 1, "a float in (0, 1)", "e.g. 0.9")
+        self.beta, self.window, self.confidence = beta, window, confidence
+        self._z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        self._names: list[str] | None = None
+        self._avg = EmaAverage(beta) if window is None else WindowAverage(window)
+
+    @property
+    def steps(self) -> int:
+        return self._avg.steps
+
+    def update(self, source: Source) -> None:
+        """Add one step's record: GradStats, ``{name: GradMoments}``, GradMoments, TwoBatchNorms."""
+        names, traces, sqs = step_estimates(source)
+        if self._names is not None and names != self._names:
+            raise GradNoiseError(
+                explain(
+                    "NoiseScale.update",
+                    expected=f"the parameters of the earlier steps ({len(self._names)} names)",
+                    got=f"{len(names)} names, differing in {sorted(set(names) ^ set(self._names))}",
+                    fix="feed records of the same parameters every step, or start a new NoiseScale",
+                )
+            )
+        z = torch.stack([traces.sum(), sqs.sum()])
+        self._avg.push(torch.cat([traces, sqs]), torch.outer(z, z))
+        self._names = names
+
+    def estimate(self) -> NoiseScaleReading:
+        """Read the running estimate (the one place with host syncs)."""
+        if self.steps == 0:
+            nan = math.nan
+            return NoiseScaleReading(nan, nan, nan, nan, nan, {}, 0, False)
+        mean_x, mean_zz, sq_weight = self._avg.moments()
+        half = len(self._names)
+        per_trace, per_sq = mean_x[:half].tolist(), mean_x[half:].tolist()
+        trace, grad_sq = sum(per_trace), sum(per_sq)
+        per_layer = {
+            n: _ratio(t, q) for n, t, q in zip(self._names, per_trace, per_sq, strict=True)
+        }
+        per_layer.pop("", None)
+        low, high = self._interval(trace, grad_sq, mean_zz.tolist(), sq_weight)
+        b_simple = _ratio(trace, grad_sq)
+        defined = not math.isnan(b_simple)
+        return NoiseScaleReading(
+            b_simple, low, high, trace, grad_sq, per_layer, self.steps, defined
+        )
+
+    def _interval(self, t: float, q: float, zz: list, sq_weight: float) -> tuple[float, float]:
+        if sq_weight >= 1.0 - 1e-12:
+            return math.nan, math.nan  # one step: no spread to estimate a variance from
+        factor = sq_weight / (1.0 - sq_weight)
+        means = (t, q)
+        cov = [[factor * (zz[i][j] - means[i] * means[j]) for j in range(2)] for i in range(2)]
+        return fieller_interval(t, q, cov, self._z)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the estimate after a restart."""
+        config = {"beta": self.beta, "window": self.window, "confidence": self.confidence}
+        return {**config, "names": self._names, "average": self._avg.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; the configuration must match this object's."""
+        mine = {"beta": self.beta, "window": self.window, "confidence": self.confidence}
+        theirs = {key: state.get(key) for key in mine}
+        if mine != theirs or "average" not in state:
+            raise GradNoiseError(
+                explain(
+                    "NoiseScale.load_state_dict",
+                    expected=f"a state saved by NoiseScale with {mine}",
+                    got=f"{theirs}" if "average" in state else "a dict without 'average'",
+                    fix="construct NoiseScale with the saved beta/window/confidence first",
+                )
+            )
+        self._avg.load(state["average"])
+        self._names = state["names"]
+
+
+def _check(argument: str, value, ok: bool, expected: str, fix: str) -> None:
+    if not ok:
+        raise GradNoiseError(
+            explain(f"NoiseScale({argument}=...)", expected=expected, got=repr(value), fix=fix)
+        )
