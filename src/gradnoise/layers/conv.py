@@ -50,7 +50,31 @@ class ConvRule:
         pass
 
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
-        return func(**bound)
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        return conv(**bound)
+
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
+        """``aten.convolution_backward`` for the input only (the weight gradient is ours)."""
+        acts, weight, padding = bound["input"], bound["weight"], bound["padding"]
+        if isinstance(padding, str):
+            with torch.enable_grad():  # rare: let autograd resolve string padding
+                leaf = acts.detach().requires_grad_()
+                out = self.call(None, {**bound, "input": leaf, "bias": None})
+                return torch.autograd.grad(out, leaf, grad_output)[0]
+        grad_input, _, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            acts,
+            weight,
+            None,
+            _pair(bound["stride"], self.dims),
+            _pair(padding, self.dims),
+            _pair(bound["dilation"], self.dims),
+            False,
+            (0,) * self.dims,
+            bound["groups"],
+            (True, False, False),
+        )
+        return grad_input
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         pieces = {}
@@ -83,9 +107,10 @@ class ConvRule:
             acts = F.pad(acts, [p for side in reversed(sides) for p in side])
             padding = 0
         padding = _pair(padding, self.dims)
-        if self.dims == 1:
+        if self.dims == 1:  # a 1-high 2-d convolution
             acts = acts.unsqueeze(2)
-            kernel, stride, padding, dilation = ((1, *t) for t in (kernel, stride, padding, dilation))
+            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+            padding = (0, *padding)
         return acts, kernel, stride, padding, dilation
 
 

@@ -67,6 +67,9 @@ class EmbeddingRule:
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
         return F.embedding(**bound)
 
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> None:
+        return None  # indices have no gradient
+
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         tokens, weight = bound["input"], bound["weight"]
         batch, (vocab, dim) = tokens.shape[0], weight.shape
@@ -77,7 +80,9 @@ class EmbeddingRule:
             grads = grads * (tokens != padding).unsqueeze(-1).to(grads.dtype)
         keys = torch.arange(batch, device=tokens.device).unsqueeze(1) * vocab + tokens
         unique_keys, segment_of = torch.unique(keys.reshape(-1), return_inverse=True)
-        segments = grads.new_zeros(len(unique_keys), dim).index_add_(0, segment_of, grads.flatten(0, 1))
+        segments = grads.new_zeros(len(unique_keys), dim).index_add_(
+            0, segment_of, grads.flatten(0, 1)
+        )
         example, row = unique_keys // vocab, unique_keys % vocab
         grad = grads.new_zeros(vocab, dim).index_add_(0, row, segments)
         if request.materialize:
@@ -86,7 +91,11 @@ class EmbeddingRule:
             return {"weight": Pieces(grad, None, None, per_example, "segment")}
         segment_sq = segments.pow(2)
         sq_norms = grads.new_zeros(batch).index_add_(0, example, segment_sq.sum(1))
-        elem_sq = grads.new_zeros(vocab, dim).index_add_(0, row, segment_sq) if request.elementwise else None
+        elem_sq = (
+            grads.new_zeros(vocab, dim).index_add_(0, row, segment_sq)
+            if request.elementwise
+            else None
+        )
         return {"weight": Pieces(grad, sq_norms, elem_sq, None, "segment")}
 
 

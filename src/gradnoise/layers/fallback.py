@@ -32,7 +32,11 @@ def output_tensors(output: Any) -> list[int] | None:
     if isinstance(output, torch.Tensor):
         return [0] if output.requires_grad else []
     if isinstance(output, (tuple, list)):
-        return [i for i, item in enumerate(output) if isinstance(item, torch.Tensor) and item.requires_grad]
+        return [
+            i
+            for i, item in enumerate(output)
+            if isinstance(item, torch.Tensor) and item.requires_grad
+        ]
     return None
 
 
@@ -62,7 +66,9 @@ def per_example_grads(
 
     detached = {name: p.detach() for name, p in params.items()}
     try:
-        return vmap(grad(inner_product), in_dims=(None, dims, 0))(detached, flat, list(grad_outputs))
+        return vmap(grad(inner_product), in_dims=(None, dims, 0))(
+            detached, flat, list(grad_outputs)
+        )
     except RuntimeError as error:
         if "randomness" not in str(error):
             raise

@@ -22,9 +22,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, register
+from gradnoise.layers.registry import (
+    Pieces,
+    Request,
+    batched_sq_norms,
+    pieces_from_per_example,
+    register,
+)
 
-__all__ = ["BMM_PASS_COST", "BMM_CHUNK_BYTES", "LinearRule", "choose_method"]
+__all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "LinearRule", "choose_method"]
 
 # Multiply-adds that one pass over one element of the materialized per-example gradients is
 # worth, times the passes bmm makes (sum, squared norm). Memory-bound passes cost tens of
@@ -58,6 +64,9 @@ class LinearRule:
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
         return F.linear(bound["input"], bound["weight"], bound["bias"])
 
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output @ bound["weight"]
+
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         batch = grad_output.shape[0]
         acts = bound["input"].reshape(batch, -1, bound["input"].shape[-1])
@@ -84,7 +93,7 @@ def _product(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Piece
     if request.materialize:
         return pieces_from_per_example(torch.einsum("bo,bi->boi", grads, acts), request, "product")
     grad = grads.T @ acts
-    sq_norms = grads.pow(2).sum(1) * acts.pow(2).sum(1)
+    sq_norms = batched_sq_norms(grads) * batched_sq_norms(acts)
     elem_sq = grads.pow(2).T @ acts.pow(2) if request.elementwise else None
     return Pieces(grad, sq_norms, elem_sq, None, "product")
 
@@ -98,7 +107,7 @@ def _gram(acts: torch.Tensor, grads: torch.Tensor) -> Pieces:
 def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
     if request.materialize:
         return pieces_from_per_example(torch.bmm(grads.mT, acts), request, "bmm")
-    batch, _, d_in = acts.shape
+    d_in = acts.shape[-1]
     bytes_per_example = d_in * grads.shape[-1] * acts.element_size()
     chunk = max(1, BMM_CHUNK_BYTES // bytes_per_example)
     parts = [

@@ -22,7 +22,9 @@ from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, 
 __all__ = ["GroupNormRule", "LayerNormRule", "RMSNormRule"]
 
 
-def _affine_pieces(normalized, grad_output, param_dims: int, channel_dim: int | None, roles, request):
+def _affine_pieces(
+    normalized, grad_output, param_dims: int, channel_dim: int | None, roles, request
+):
     """Pieces of gamma (``weight``) and beta (``bias``) from x_hat and the output gradient.
 
     ``param_dims`` trailing dims carry the parameter (layer/RMS norm); with ``channel_dim`` set,
@@ -36,7 +38,9 @@ def _affine_pieces(normalized, grad_output, param_dims: int, channel_dim: int | 
         flatten = lambda t: t.reshape(batch, t.shape[1], -1).sum(2)  # noqa: E731
     pieces = {}
     if "weight" in roles:
-        pieces["weight"] = pieces_from_per_example(flatten(grad_output * normalized), request, "direct")
+        pieces["weight"] = pieces_from_per_example(
+            flatten(grad_output * normalized), request, "direct"
+        )
     if "bias" in roles:
         pieces["bias"] = pieces_from_per_example(flatten(grad_output), request, "direct")
     return pieces
@@ -47,7 +51,13 @@ class LayerNormRule:
     param_roles = ("weight", "bias")
 
     def bind(self, input, normalized_shape, weight=None, bias=None, eps=1e-5) -> dict[str, Any]:
-        return {"input": input, "normalized_shape": normalized_shape, "weight": weight, "bias": bias, "eps": eps}
+        return {
+            "input": input,
+            "normalized_shape": normalized_shape,
+            "weight": weight,
+            "bias": bias,
+            "eps": eps,
+        }
 
     def check(self, bound: dict[str, Any]) -> None:
         pass
@@ -85,7 +95,13 @@ class GroupNormRule:
     param_roles = ("weight", "bias")
 
     def bind(self, input, num_groups, weight=None, bias=None, eps=1e-5) -> dict[str, Any]:
-        return {"input": input, "num_groups": num_groups, "weight": weight, "bias": bias, "eps": eps}
+        return {
+            "input": input,
+            "num_groups": num_groups,
+            "weight": weight,
+            "bias": bias,
+            "eps": eps,
+        }
 
     def check(self, bound: dict[str, Any]) -> None:
         pass

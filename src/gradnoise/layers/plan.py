@@ -81,7 +81,8 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
                 "GradStats(fallback='error')",
                 expected="only modules with per-layer rules (Linear, Conv1d/2d, Embedding, norms)",
                 got="modules without a rule: " + ", ".join(unsupported),
-                fix="use fallback='vmap' to measure them with torch.func, or freeze their parameters",
+                fix="use fallback='vmap' to measure them with torch.func, or freeze their "
+                "parameters",
             )
         )
     return plan

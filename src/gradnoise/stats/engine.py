@@ -28,11 +28,11 @@ from torch.utils.hooks import RemovableHandle
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers import fallback as fallback_rule
 from gradnoise.layers.plan import FallbackModule, Plan, plan_coverage
-from gradnoise.layers.registry import Pieces, Request, Rule, rule_for
+from gradnoise.layers.registry import Pieces, Request, Rule, rule_for, sq_norm
 from gradnoise.layers.validate import check_batch_norm_call
 from gradnoise.stats.accumulate import Accumulator, check_residual
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import NoiseScaleEstimate, gradient_noise_scale
+from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
 
 __all__ = ["GradStats"]
 
@@ -64,6 +64,23 @@ class _Attach(torch.autograd.Function):
     def backward(ctx, grad_output):
         grads = ctx.engine._rule_backward(ctx.call, grad_output)
         return (None, None, grad_output, *grads)
+
+
+class _Fused(torch.autograd.Function):
+    """The op itself, for rules that also give the input gradient: no clone, no second node."""
+
+    @staticmethod
+    def forward(ctx, engine, call, func, input, *params):
+        ctx.engine, ctx.call = engine, call
+        return call.rule.call(func, call.bound)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = ctx.engine._rule_backward(ctx.call, grad_output)
+        grad_input = None
+        if ctx.needs_input_grad[3]:
+            grad_input = ctx.call.rule.input_grad(ctx.call.bound, grad_output)
+        return (None, None, None, grad_input, *grads)
 
 
 class _Tap(torch.autograd.Function):
@@ -147,7 +164,8 @@ class GradStats:
         self._backward_started = False
         self._backward_done = False
         self._suspended = False
-        self._results: dict[str, GradMoments] | None = None
+        self._checked = False
+        self._moments: dict[str, GradMoments] | None = None
 
     def __enter__(self) -> GradStats:
         if self._mode is not None:
@@ -163,8 +181,14 @@ class GradStats:
         for name, param in self._plan.params.items():
             self._handles.append(param.register_hook(self._grad_hook(name)))
         for owner in self._plan.fallback:
-            self._handles.append(owner.module.register_forward_pre_hook(self._fallback_pre_hook(owner), with_kwargs=True))
-            self._handles.append(owner.module.register_forward_hook(self._fallback_post_hook(), with_kwargs=True))
+            self._handles.append(
+                owner.module.register_forward_pre_hook(
+                    self._fallback_pre_hook(owner), with_kwargs=True
+                )
+            )
+            self._handles.append(
+                owner.module.register_forward_hook(self._fallback_post_hook(), with_kwargs=True)
+            )
         self._mode = _RuleMode(self)
         self._mode.__enter__()
         return self
@@ -192,15 +216,27 @@ class GradStats:
         if not roles:
             return func(*args, **kwargs)
         rule.check(bound)
-        self._before_use(bound["input"], f"{rule.name} of {self._plan.names[id(bound[roles[0]])]!r}")
+        self._before_use(
+            bound["input"], f"{rule.name} of {self._plan.names[id(bound[roles[0]])]!r}"
+        )
         params = [bound[role] for role in roles]
         detached = {**bound, **{role: bound[role].detach() for role in roles}}
-        call = _Call(names={role: self._plan.names[id(bound[role])] for role in roles}, rule=rule, bound=detached)
+        call = _Call(
+            names={role: self._plan.names[id(bound[role])] for role in roles},
+            rule=rule,
+            bound=detached,
+        )
         self._uses.update(call.names.values())
+        if hasattr(rule, "input_grad"):
+            return _Fused.apply(self, call, func, bound["input"], *params)
         return _Attach.apply(self, call, rule.call(func, detached), *params)
 
     def _is_rule_param(self, value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and id(value) in self._plan.rule_params and value.requires_grad
+        return (
+            isinstance(value, torch.Tensor)
+            and id(value) in self._plan.rule_params
+            and value.requires_grad
+        )
 
     def _before_use(self, batch_input: torch.Tensor, where: str) -> None:
         if self._backward_started:
@@ -230,7 +266,9 @@ class GradStats:
         def hook(module, args, kwargs):
             if self._suspended or not torch.is_grad_enabled():
                 return None
-            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            first = next(
+                (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None
+            )
             if first is None:
                 raise GradNoiseError(
                     explain(
@@ -241,7 +279,9 @@ class GradStats:
                     )
                 )
             self._before_use(first, f"module {owner.name!r}")
-            module._gradnoise_pending = _Call(names=dict(owner.params), owner=owner, inputs=(args, kwargs))
+            module._gradnoise_pending = _Call(
+                names=dict(owner.params), owner=owner, inputs=(args, kwargs)
+            )
             return None
 
         return hook
@@ -290,7 +330,9 @@ class GradStats:
     def _rule_backward(self, call: _Call, grad_output: torch.Tensor) -> list[torch.Tensor]:
         self._on_backward()
         roles = tuple(call.names)
-        pieces = call.rule.backward(call.bound, grad_output, roles, self._request(call.names.values()))
+        pieces = call.rule.backward(
+            call.bound, grad_output, roles, self._request(call.names.values())
+        )
         for role, name in call.names.items():
             self._accumulate(name, pieces[role])
         return [pieces[role].grad for role in roles]
@@ -308,7 +350,9 @@ class GradStats:
         finally:
             self._suspended = False
         for local, name in call.names.items():
-            self._accumulate(name, Pieces(per_example[local].sum(0), None, None, per_example[local], "fallback"))
+            self._accumulate(
+                name, Pieces(per_example[local].sum(0), None, None, per_example[local], "fallback")
+            )
 
     def _accumulate(self, name: str, pieces: Pieces) -> None:
         if name in self._acc:
@@ -320,15 +364,25 @@ class GradStats:
         def hook(grad: torch.Tensor) -> None:
             acc = self._acc.get(name)
             measured = acc.grad if acc is not None else torch.zeros_like(grad)
-            self._residuals[name] = (torch.linalg.vector_norm(grad - measured), torch.linalg.vector_norm(grad))
+            self._residuals[name] = (
+                sq_norm(grad - measured),
+                sq_norm(grad),
+            )
             return None
 
         return hook
 
     # ----------------------------------------------------------------------------- results
-    def _finalize(self) -> dict[str, GradMoments]:
-        if self._results is not None:
-            return self._results
+    def _measured(self) -> dict[str, Accumulator]:
+        """The accumulators of measured parameters, after the readiness and residual checks."""
+        if not self._checked:
+            self._check_ready()
+            for name, (residual, total) in self._residuals.items():
+                check_residual(name, residual, total, self._acc.get(name))
+            self._checked = True
+        return {name: self._acc[name] for name in self._plan.params if name in self._acc}
+
+    def _check_ready(self) -> None:
         if not self._residuals and not self._acc:
             raise NotReadyError(
                 explain(
@@ -348,39 +402,54 @@ class GradStats:
                     fix="compute the loss from model(batch) inside the block",
                 )
             )
-        for name, (residual, total) in self._residuals.items():
-            check_residual(name, residual, total, self._acc.get(name))
-        scale = float(self._batch) if self.loss_reduction == "mean" else 1.0
-        self._results = {
-            name: self._acc[name].moments(self._batch, scale, self.elementwise)
-            for name in self._plan.params
-            if name in self._acc
-        }
-        return self._results
+
+    @property
+    def _scale(self) -> float:
+        """Per-example gradients are ``scale`` times what reaches the layers (B for a mean)."""
+        return float(self._batch) if self.loss_reduction == "mean" else 1.0
 
     @property
     def batch_size(self) -> int:
         """The batch size seen on dim 0 of the layer inputs."""
-        self._finalize()
+        self._measured()
         return self._batch
 
     def moments(self) -> dict[str, GradMoments]:
         """Per-parameter :class:`GradMoments` of the per-example gradients of this batch."""
-        return dict(self._finalize())
+        if self._moments is None:
+            self._moments = {
+                name: acc.moments(self._batch, self._scale, self.elementwise)
+                for name, acc in self._measured().items()
+            }
+        return dict(self._moments)
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""
-        self._finalize()
-        scale = float(self._batch) if self.loss_reduction == "mean" else 1.0
-        return {name: acc.sq_norms() * scale**2 for name, acc in self._acc.items() if name in self._results}
+        return {name: acc.sq_norms() * self._scale**2 for name, acc in self._measured().items()}
 
     def total_sq_norms(self) -> torch.Tensor:
         """``(B,)`` squared norms of the whole-model per-example gradients."""
         return torch.stack(list(self.per_example_sq_norms().values())).sum(0)
 
     def noise_scale(self) -> NoiseScaleEstimate:
-        """Whole-model simple noise scale of this batch (see ``gradient_noise_scale``)."""
-        return gradient_noise_scale(self._finalize())
+        """Whole-model simple noise scale of this batch (see ``gradient_noise_scale``).
+
+        Uses the gradient norms the residual check already took, so it costs no pass over the
+        parameters: the same numbers as ``gradient_noise_scale(stats.moments())``.
+        """
+        measured = self._measured()
+        sq_norm_sum = torch.stack([acc.sq_norms().sum() for acc in measured.values()]).sum()
+        grad_norms = [self._grad_sq_norm(name, acc) for name, acc in measured.items()]
+        sum_sq_norm = torch.stack(grad_norms).sum()
+        _require_batch(self._batch)
+        return noise_scale_from_sums(
+            self._batch, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
+        )
+
+    def _grad_sq_norm(self, name: str, acc: Accumulator) -> torch.Tensor:
+        if name in self._residuals:
+            return self._residuals[name][1]
+        return sq_norm(acc.grad)
 
     def coverage(self) -> dict[str, str]:
         """How each parameter was measured (``gram``, ``bmm``, ...) or ``skipped: <reason>``."""
@@ -396,10 +465,23 @@ class GradStats:
         report = {}
         for name in self._plan.params:
             acc = self._acc.get(name)
-            report[name] = acc.method() if acc is not None else "skipped: no gradient (unused in the forward pass)"
+            unused = "skipped: no gradient (unused in the forward pass)"
+            report[name] = acc.method() if acc is not None else unused
         for name in self._plan.frozen:
             report[name] = "skipped: frozen (requires_grad=False)"
         return report
+
+
+def _require_batch(batch: int) -> None:
+    if batch < 2:
+        raise GradNoiseError(
+            explain(
+                "GradStats.noise_scale",
+                expected="a batch of at least 2 examples (a variance needs two samples)",
+                got=f"batch size {batch}",
+                fix="use a batch size of 2 or more, or merge several steps' moments first",
+            )
+        )
 
 
 def _check_choice(argument: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from gradnoise.errors import GradNoiseError, explain
 
-__all__ = ["GradMoments", "merge_all", "total_moments"]
+__all__ = ["GradMoments", "common_count", "merge_all", "total_moments"]
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,26 @@ def total_moments(per_param: Mapping[str, GradMoments]) -> GradMoments:
     ``elem_sq_sum``) are the flattened concatenations.
     """
     records = list(per_param.values())
+    n = common_count(records, "total_moments")
+    elementwise = all(record.elem_sq_sum is not None for record in records)
+    return GradMoments(
+        n=n,
+        grad_sum=torch.cat([record.grad_sum.reshape(-1) for record in records]),
+        sq_norm_sum=torch.stack([record.sq_norm_sum for record in records]).sum(),
+        elem_sq_sum=(
+            torch.cat([record.elem_sq_sum.reshape(-1) for record in records])
+            if elementwise
+            else None
+        ),
+    )
+
+
+def common_count(records: list[GradMoments], where: str) -> int:
+    """The ``n`` shared by per-parameter records of one set of examples; raise if none is."""
     if not records:
         raise GradNoiseError(
             explain(
-                "total_moments",
+                where,
                 expected="a non-empty mapping of parameter name to GradMoments",
                 got="an empty mapping",
                 fix="run a backward pass inside GradStats before asking for totals",
@@ -138,20 +154,10 @@ def total_moments(per_param: Mapping[str, GradMoments]) -> GradMoments:
     if len(counts) != 1:
         raise GradNoiseError(
             explain(
-                "total_moments",
+                where,
                 expected="records over the same examples (one common n)",
                 got=f"n values {sorted(counts)}",
                 fix="merge each parameter over the same micro-batches before combining",
             )
         )
-    elementwise = all(record.elem_sq_sum is not None for record in records)
-    return GradMoments(
-        n=records[0].n,
-        grad_sum=torch.cat([record.grad_sum.reshape(-1) for record in records]),
-        sq_norm_sum=torch.stack([record.sq_norm_sum for record in records]).sum(),
-        elem_sq_sum=(
-            torch.cat([record.elem_sq_sum.reshape(-1) for record in records])
-            if elementwise
-            else None
-        ),
-    )
+    return records[0].n

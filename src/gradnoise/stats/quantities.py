@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.stats.moments import GradMoments, total_moments
+from gradnoise.layers.registry import sq_norm
+from gradnoise.stats.moments import GradMoments, common_count, total_moments
 
 __all__ = [
     "NoiseScaleEstimate",
@@ -34,6 +35,7 @@ __all__ = [
     "gradient_noise_scale",
     "gsnr",
     "layer_gsnr",
+    "noise_scale_from_sums",
     "noise_scale_per_layer",
     "norm_test",
     "trace_covariance",
@@ -80,8 +82,13 @@ def elementwise_variance(moments: GradMoments) -> torch.Tensor:
 def trace_covariance(moments: GradMoments) -> torch.Tensor:
     r"""Unbiased :math:`\mathrm{tr}\,\Sigma = (\sum_i \|g_i\|^2 - n\|\bar g\|^2)/(n-1)`."""
     _require_two_examples(moments, "trace_covariance")
-    mean_sq_norm = moments.mean.pow(2).sum()
-    return (moments.sq_norm_sum - moments.n * mean_sq_norm) / (moments.n - 1)
+    sum_sq_norm = sq_norm(moments.grad_sum)
+    return _trace_from_sums(moments.n, moments.sq_norm_sum, sum_sq_norm)
+
+
+def _trace_from_sums(n: int, sq_norm_sum, sum_sq_norm):
+    """tr(Sigma) from sum_i ||g_i||^2 and ||sum_i g_i||^2: (S - ||s||^2 / n) / (n - 1)."""
+    return (sq_norm_sum - sum_sq_norm / n) / (n - 1)
 
 
 def two_batch_estimates(
@@ -151,10 +158,26 @@ def gradient_noise_scale(
     Accepts one record or a mapping of per-parameter records (then the whole model: traces and
     squared norms add over parameters). Uses the unbiased estimators of the module docstring.
     """
-    record = total_moments(moments) if isinstance(moments, Mapping) else moments
-    trace = trace_covariance(record)
-    grad_sq = record.mean.pow(2).sum() - trace / record.n
-    return _estimate(trace, grad_sq, record.n)
+    records = list(moments.values()) if isinstance(moments, Mapping) else [moments]
+    n = common_count(records, "gradient_noise_scale")
+    _require_two_examples(records[0], "gradient_noise_scale")
+    sq_norm_sum = torch.stack([r.sq_norm_sum.reshape(()) for r in records]).sum()
+    sum_sq_norm = torch.stack([sq_norm(r.grad_sum) for r in records]).sum()
+    return noise_scale_from_sums(n, sq_norm_sum, sum_sq_norm)
+
+
+def noise_scale_from_sums(
+    n: int, sq_norm_sum: torch.Tensor, sum_sq_norm: torch.Tensor
+) -> NoiseScaleEstimate:
+    r"""The estimate from two scalars: :math:`\sum_i\|g_i\|^2` and :math:`\|\sum_i g_i\|^2`.
+
+    :math:`\mathrm{tr}\Sigma = (S - \|s\|^2/n)/(n-1)` and
+    :math:`\|G\|^2 = \|s\|^2/n^2 - \mathrm{tr}\Sigma/n`; whole-model values are sums of
+    per-parameter ones, so the two scalars may be summed over parameters first.
+    """
+    trace = _trace_from_sums(n, sq_norm_sum, sum_sq_norm)
+    grad_sq = sum_sq_norm / n**2 - trace / n
+    return _estimate(trace, grad_sq, n)
 
 
 def noise_scale_per_layer(per_param: Mapping[str, GradMoments]) -> dict[str, NoiseScaleEstimate]:
@@ -207,7 +230,7 @@ def norm_test(
         )
     record = total_moments(moments) if isinstance(moments, Mapping) else moments
     trace = float(trace_covariance(record))
-    mean_sq = float(record.mean.pow(2).sum())
+    mean_sq = float(sq_norm(record.grad_sum)) / record.n**2
     if mean_sq == 0.0:
         return NormTestResult(math.inf, theta, False, math.inf)
     statistic = trace / record.n / mean_sq

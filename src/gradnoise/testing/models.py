@@ -14,11 +14,11 @@ from torch import nn
 
 __all__ = [
     "TinyGPT",
+    "classification_loss",
+    "lm_loss",
     "make_cnn",
     "make_gpt",
     "make_mlp",
-    "classification_loss",
-    "lm_loss",
 ]
 
 
@@ -34,7 +34,9 @@ def lm_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> to
 
 def make_mlp(batch: int = 128, *, generator: torch.Generator | None = None):
     """W1: MLP 784-512-512-10 on random inputs."""
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
     x = torch.randn(batch, 784, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
     return model, (x, y), classification_loss
@@ -67,7 +69,9 @@ class Block(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         split = lambda t: t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        out = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
+        )
         return self.o(out.transpose(1, 2).reshape(batch, length, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,16 @@ class TinyGPT(nn.Module):
     ``tie=True`` shares the token embedding with the output layer.
     """
 
-    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 2, heads: int = 4, context: int = 128, *, tie: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int = 1000,
+        dim: int = 256,
+        layers: int = 2,
+        heads: int = 4,
+        context: int = 128,
+        *,
+        tie: bool = False,
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(context, dim)
@@ -93,7 +106,12 @@ class TinyGPT(nn.Module):
             self.head.weight = self.tok.weight
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02 if not isinstance(module, nn.Linear) else 1 / math.sqrt(module.in_features))
+                nn.init.normal_(
+                    module.weight,
+                    std=0.02
+                    if not isinstance(module, nn.Linear)
+                    else 1 / math.sqrt(module.in_features),
+                )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Positions expanded to (B, T): every example's use of the table stays visible.
@@ -104,7 +122,16 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def make_gpt(batch: int = 16, *, vocab: int = 1000, dim: int = 256, layers: int = 2, context: int = 128, tie: bool = False, generator: torch.Generator | None = None):
+def make_gpt(
+    batch: int = 16,
+    *,
+    vocab: int = 1000,
+    dim: int = 256,
+    layers: int = 2,
+    context: int = 128,
+    tie: bool = False,
+    generator: torch.Generator | None = None,
+):
     """W3: TinyGPT(vocab 1000, dim 256, 2 layers, T=128), B=16, random tokens."""
     model = TinyGPT(vocab, dim, layers, heads=4, context=context, tie=tie)
     tokens = torch.randint(0, vocab, (batch, context + 1), generator=generator)

@@ -45,7 +45,9 @@ class LinearGaussian:
             layer.weight.copy_((self.w_star + self.delta).unsqueeze(0))
         return layer
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` pairs ``(x, y)`` with ``x: (n, dim)`` and ``y: (n, 1)``."""
         x = torch.randn(n, self.dim, generator=generator, dtype=self.dtype)
         noise = self.sigma * torch.randn(n, 1, generator=generator, dtype=self.dtype)
