@@ -20,7 +20,8 @@ two means: all :math:`R \ge 0` with
 .. math::
     (\bar t - R \bar q)^2 \le z^2 (V_{tt} - 2 R V_{tq} + R^2 V_{qq}),
 
-:math:`z` the normal quantile of ``confidence``. When :math:`\bar q` is not significantly positive
+:math:`z` the Student-t quantile of ``confidence`` with :math:`1/\sum_s w_s^2 - 1` degrees of
+freedom (Kish's effective sample size minus one). When :math:`\bar q` is not significantly positive
 the set is unbounded and ``ci_high`` is ``inf``; ``b_simple`` itself is NaN whenever
 :math:`\bar q \le 0`. The interval assumes a stationary gradient distribution over the averaging
 horizon; in training, keep the horizon short relative to how fast the noise scale moves.
@@ -31,12 +32,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.stats.averaging import EmaAverage, WindowAverage, fieller_interval
+from gradnoise.stats.averaging import (
+    EmaAverage,
+    WindowAverage,
+    fieller_interval,
+    student_quantile,
+)
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import trace_covariance
@@ -126,7 +131,6 @@ class NoiseScale:
         _check("window", window, ok, "None or an int >= 2", "e.g. window=100")
         _check("confidence", confidence, 0 < confidence < 1, "a float in (0, 1)", "e.g. 0.9")
         self.beta, self.window, self.confidence = beta, window, confidence
-        self._z = NormalDist().inv_cdf(0.5 + confidence / 2)
         self._names: list[str] | None = None
         self._avg = EmaAverage(beta) if window is None else WindowAverage(window)
 
@@ -150,8 +154,13 @@ class NoiseScale:
         self._avg.push(torch.cat([traces, sqs]), torch.outer(z, z))
         self._names = names
 
-    def estimate(self) -> NoiseScaleReading:
-        """Read the running estimate (the one place with host syncs)."""
+    def estimate(self, *, confidence: float | None = None) -> NoiseScaleReading:
+        """Read the running estimate (the one place with host syncs).
+
+        ``confidence`` overrides the constructor's level for this reading only.
+        """
+        level = self.confidence if confidence is None else confidence
+        _check("confidence", level, 0 < level < 1, "a float in (0, 1)", "e.g. 0.9")
         if self.steps == 0:
             nan = math.nan
             return NoiseScaleReading(nan, nan, nan, nan, nan, {}, 0, False)
@@ -163,20 +172,24 @@ class NoiseScale:
             n: _ratio(t, q) for n, t, q in zip(self._names, per_trace, per_sq, strict=True)
         }
         per_layer.pop("", None)
-        low, high = self._interval(trace, grad_sq, mean_zz.tolist(), sq_weight)
+        low, high = self._interval(trace, grad_sq, mean_zz.tolist(), sq_weight, level)
         b_simple = _ratio(trace, grad_sq)
         defined = not math.isnan(b_simple)
         return NoiseScaleReading(
             b_simple, low, high, trace, grad_sq, per_layer, self.steps, defined
         )
 
-    def _interval(self, t: float, q: float, zz: list, sq_weight: float) -> tuple[float, float]:
-        if sq_weight >= 1.0 - 1e-12:
+    @staticmethod
+    def _interval(
+        t: float, q: float, zz: list, sq_weight: float, level: float
+    ) -> tuple[float, float]:
+        if sq_weight >= 1.0 - 1e-9:
             return math.nan, math.nan  # one step: no spread to estimate a variance from
         factor = sq_weight / (1.0 - sq_weight)
         means = (t, q)
         cov = [[factor * (zz[i][j] - means[i] * means[j]) for j in range(2)] for i in range(2)]
-        return fieller_interval(t, q, cov, self._z)
+        dof = 1.0 / sq_weight - 1.0  # Kish's effective sample size, minus one
+        return fieller_interval(t, q, cov, student_quantile(0.5 + level / 2, dof))
 
     def state_dict(self) -> dict:
         """Everything needed to continue the estimate after a restart."""
@@ -184,8 +197,8 @@ class NoiseScale:
         return {**config, "names": self._names, "average": self._avg.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`; the configuration must match this object's."""
-        mine = {"beta": self.beta, "window": self.window, "confidence": self.confidence}
+        """Continue from :meth:`state_dict`; ``beta`` and ``window`` must match this object's."""
+        mine = {"beta": self.beta, "window": self.window}
         theirs = {key: state.get(key) for key in mine}
         if mine != theirs or "average" not in state:
             raise GradNoiseError(
@@ -193,7 +206,7 @@ class NoiseScale:
                     "NoiseScale.load_state_dict",
                     expected=f"a state saved by NoiseScale with {mine}",
                     got=f"{theirs}" if "average" in state else "a dict without 'average'",
-                    fix="construct NoiseScale with the saved beta/window/confidence first",
+                    fix="construct NoiseScale with the saved beta and window first",
                 )
             )
         self._avg.load(state["average"])
