@@ -1,0 +1,251 @@
+"""Every error GradStats raises, and the promise that hooks never outlive the block."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradnoise import (
+    BatchCouplingError,
+    GradNoiseError,
+    GradStats,
+    NotReadyError,
+    UnsupportedModuleError,
+)
+from tests.engine.models_for_tests import Scale
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def _batch(n=5):
+    return torch.randn(n, 3), torch.randint(0, 2, (n,))
+
+
+def _step(model, stats_kwargs=None, loss=None, batch=None):
+    x, y = batch or _batch()
+    with GradStats(model, **(stats_kwargs or {})) as stats:
+        (loss or (lambda m: F.cross_entropy(m(x), y)))(model).backward()
+    return stats
+
+
+def _hooks_left(model):
+    modules = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    params = sum(len(p._backward_hooks or {}) for p in model.parameters())
+    return modules + params + torch._C._len_torch_function_stack()
+
+
+def test_hooks_and_mode_are_removed_on_exit():
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2))
+    _step(model)
+    assert _hooks_left(model) == 0
+
+
+def test_hooks_and_mode_are_removed_when_the_block_raises():
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2))
+    with pytest.raises(KeyError), GradStats(model):
+        model(torch.randn(2, 3)).sum().backward()
+        raise KeyError("user error inside the block")
+    assert _hooks_left(model) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_reduction": "avg"}, "loss_reduction.*expected 'mean' or 'sum', got 'avg'"),
+        ({"fallback": "skip"}, "fallback.*expected 'vmap' or 'error', got 'skip'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(GradNoiseError, match=match):
+        GradStats(_mlp(), **kwargs)
+
+
+def test_not_a_module():
+    with pytest.raises(GradNoiseError, match=r"expected a torch.nn.Module, got list"):
+        GradStats(list(_mlp().parameters()))
+
+
+def test_model_without_trainable_parameters():
+    model = _mlp().requires_grad_(False)
+    with pytest.raises(GradNoiseError, match="at least one parameter that requires grad"):
+        GradStats(model)
+
+
+def test_results_before_backward():
+    model = _mlp()
+    with GradStats(model) as stats:
+        model(_batch()[0])
+        with pytest.raises(NotReadyError, match="no backward pass yet"):
+            stats.moments()
+        with pytest.raises(NotReadyError, match="no backward pass yet"):
+            stats.coverage()
+
+
+def test_loss_that_does_not_depend_on_the_batch():
+    model = _mlp()
+    with pytest.raises(GradNoiseError, match="the loss does not depend on the batch"):
+        _step(model, loss=lambda m: sum(p.pow(2).sum() for p in m.parameters())).moments()
+
+
+def test_regularizer_in_the_loss_is_reported():
+    x, y = _batch()
+    model = _mlp()
+
+    def loss(m):
+        return F.cross_entropy(m(x), y) + 0.1 * m[0].weight.pow(2).sum()
+
+    stats = _step(model, loss=loss)
+    with pytest.raises(GradNoiseError, match=r"parameter '0.weight'.*regularizer"):
+        stats.per_example_sq_norms()
+
+
+def test_unrecognized_use_of_a_tracked_weight_is_reported():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.proj(x) + x @ self.proj.weight.T  # matmul, not F.linear
+
+    stats = _step(Sneaky())
+    with pytest.raises(GradNoiseError, match=r"'proj.weight'.*x @ W.T"):
+        stats.moments()
+
+
+def test_backward_twice_in_one_block():
+    model = _mlp()
+    x, y = _batch()
+    with GradStats(model):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        with pytest.raises(GradNoiseError, match="a second backward pass inside the same block"):
+            loss.backward()
+
+
+def test_forward_after_backward_in_one_block():
+    model = _mlp()
+    x, y = _batch()
+    with GradStats(model):
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(GradNoiseError, match="after the backward pass"):
+            model(x)
+
+
+def test_batch_size_one_where_a_variance_is_asked_for():
+    stats = _step(_mlp(), batch=_batch(1))
+    assert stats.per_example_sq_norms()["0.weight"].shape == (1,)
+    with pytest.raises(GradNoiseError, match="at least 2 examples.*batch size 1"):
+        stats.noise_scale()
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(BatchCouplingError, match="batch normalization in training mode.*eval"):
+        GradStats(model)
+    model.eval()  # running statistics: per-example, measured by the fallback
+    stats = _step(model, loss=lambda m: m(torch.randn(4, 3)).pow(2).mean())
+    assert stats.coverage()["1.weight"] == "fallback"
+
+
+def test_functional_batch_norm_with_batch_statistics_is_refused():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return F.batch_norm(self.proj(x), None, None, training=True)
+
+    with pytest.raises(BatchCouplingError, match=r"F.batch_norm\(training=True\)"):
+        _step(Functional(), loss=lambda m: m(torch.randn(4, 3)).pow(2).mean())
+
+
+def test_sequence_first_attention_is_refused():
+    with pytest.raises(GradNoiseError, match="batch_first=False.*batch_first=True"):
+        GradStats(nn.MultiheadAttention(4, 2))
+
+
+def test_fallback_error_policy_lists_the_modules():
+    model = nn.Sequential(nn.Linear(3, 4), Scale(4))
+    with pytest.raises(UnsupportedModuleError, match=r"modules without a rule: 1 \(Scale\)"):
+        GradStats(model, fallback="error")
+
+
+def test_inconsistent_batch_dimension():
+    class Flattens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x).flatten(0, 1))  # (B*T, 3): examples no longer on dim 0
+
+    with pytest.raises(GradNoiseError, match="examples on dim 0.*batch size 4.*size 8"):
+        _step(Flattens(), loss=lambda m: m(torch.randn(4, 2, 3)).sum())
+
+
+def test_embedding_options_that_cannot_be_measured():
+    for kwargs, error, match in [
+        ({"scale_grad_by_freq": True}, BatchCouplingError, "scale_grad_by_freq=True"),
+        ({"sparse": True}, GradNoiseError, "sparse=True"),
+    ]:
+        model = nn.Embedding(5, 2, **kwargs)
+        with pytest.raises(error, match=match):
+            _step(model, loss=lambda m: m(torch.tensor([[1, 2], [3, 1]])).sum())
+
+
+def test_random_fallback_module_is_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return F.dropout(x * self.gain, 0.5, training=True)
+
+    with pytest.raises(GradNoiseError, match="random operations.*dropout"):
+        _step(Noisy(), loss=lambda m: m(torch.randn(4, 3)).sum())
+
+
+def test_fallback_module_without_tensor_arguments():
+    class NoTensors(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.ones(2, 3))
+
+        def forward(self, n):
+            return self.table[:n]
+
+    with pytest.raises(GradNoiseError, match="at least one tensor argument"):
+        _step(NoTensors(), loss=lambda m: m(2).sum())
+
+
+def test_nested_enter_is_refused():
+    stats = GradStats(_mlp())
+    with stats, pytest.raises(GradNoiseError, match="already open"):
+        stats.__enter__()
+
+
+def test_frozen_and_unused_parameters_are_listed_in_coverage():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    stats = _step(model, loss=lambda m: m[1](m[0](torch.randn(3, 3))).sum())
+    coverage = stats.coverage()
+    assert coverage["0.weight"] == "skipped: frozen (requires_grad=False)"
+    assert coverage["2.bias"].startswith("skipped: no gradient")
+    assert coverage["1.weight"] == "product"
+    assert set(stats.moments()) == {"1.weight", "1.bias"}
+
+
+def test_no_grad_forward_inside_the_block_is_ignored():
+    model = _mlp()
+    x, y = _batch()
+    with GradStats(model) as stats:
+        with torch.no_grad():
+            model(torch.randn(7, 3))  # another batch size, but not recorded
+        F.cross_entropy(model(x), y).backward()
+    assert stats.batch_size == 5
