@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from gradnoise import GradStats
-
 from gradnoise.testing.check import reference_errors
 from gradnoise.testing.models import make_cnn, make_gpt, make_mlp
 from tests.engine.models_for_tests import AttentionNet, SharedTwice, classification_loss

@@ -51,7 +51,7 @@ def test_merge_of_parts_equals_the_whole():
 
 
 def test_merge_without_elementwise_drops_it():
-    grads, full = _random_moments()
+    _, full = _random_moments()
     partial = GradMoments(full.n, full.grad_sum, full.sq_norm_sum)
     assert full.merge(partial).elem_sq_sum is None
 
