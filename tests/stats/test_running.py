@@ -187,3 +187,10 @@ def test_load_state_dict_errors():
     with pytest.raises(GradNoiseError, match="got a dict without 'average'"):
         target.load_state_dict({"beta": 0.5, "window": None})
     assert target.estimate() == before
+
+
+def test_parameter_order_may_change_between_steps():
+    a, b = {"u": _record(4.0, 1.0), "w": _record(2.0, 1.0)}, {"w": _record(2.0, 1.0)}
+    b["u"] = _record(4.0, 1.0)  # same parameters, other order (as after DDP rebuilds buckets)
+    reading = feed(NoiseScale(window=2), [a, b]).estimate()
+    assert reading.per_layer == pytest.approx({"u": 4.0, "w": 2.0})

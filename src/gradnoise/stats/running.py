@@ -141,6 +141,9 @@ class NoiseScale:
     def update(self, source: Source) -> None:
         """Add one step's record: GradStats, ``{name: GradMoments}``, GradMoments, TwoBatchNorms."""
         names, traces, sqs = step_estimates(source)
+        if self._names is not None and names != self._names and set(names) == set(self._names):
+            order = torch.tensor([names.index(n) for n in self._names], device=traces.device)
+            names, traces, sqs = self._names, traces[order], sqs[order]
         if self._names is not None and names != self._names:
             raise GradNoiseError(
                 explain(

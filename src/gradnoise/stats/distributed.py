@@ -1,0 +1,199 @@
+r"""torch.distributed: merge moments across ranks and measure the noise scale inside DDP for free.
+
+**Rank merge.** Every field of :class:`GradMoments` is a sum, so the records of all ranks combine
+exactly with one ``all_reduce(SUM)`` of their concatenation (:func:`all_reduce_moments`).
+
+**DDP communication hook** (the idea of k-diffusion's ``DDPGradientStatsHook``, made general).
+With ``W`` ranks each holding the mean gradient :math:`g_r` of ``b`` local examples, DDP averages
+them into :math:`\bar g` over ``W b`` examples. Those are two batch sizes (McCandlish et al. 2018,
+appendix A.1):
+
+.. math::
+    \text{small: } \frac1W \sum_r \|g_r\|^2 \text{ at } B = b,\qquad
+    \text{big: } \|\bar g\|^2 \text{ at } B = W b,
+
+so :class:`NoiseScaleHook` needs no extra backward: it takes per-parameter squared norms of each
+bucket before and after its all-reduce, and averages the local norms over ranks with one tiny extra
+all-reduce (one float per parameter) launched together with the last bucket's. Nothing syncs with
+the host; :meth:`NoiseScaleHook.record` returns a :class:`TwoBatchNorms` for
+:class:`gradnoise.stats.running.NoiseScale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradnoise.errors import GradNoiseError, NotReadyError, explain
+from gradnoise.stats.moments import GradMoments
+from gradnoise.stats.twobatch import TwoBatchNorms
+
+__all__ = ["NoiseScaleHook", "all_reduce_moments"]
+
+Preconditioner = Callable[[], Mapping[str, torch.Tensor] | None]
+
+
+def all_reduce_moments(
+    moments: Mapping[str, GradMoments], *, group: dist.ProcessGroup | None = None
+) -> dict[str, GradMoments]:
+    """Merge every rank's per-parameter records into the records of all ranks' examples.
+
+    One ``all_reduce`` of the concatenated fields; ``n`` travels in the same buffer. All ranks
+    must pass the same parameter names with the same shapes (and all or none ``elem_sq_sum``).
+    """
+    names = list(moments)
+    fields = [_fields(moments[name]) for name in names]
+    flat = torch.cat([torch.cat([f.reshape(-1) for f in group_]) for group_ in fields])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    merged, offset = {}, 0
+    for name, group_ in zip(names, fields, strict=True):
+        parts = []
+        for field in group_:
+            parts.append(flat[offset : offset + field.numel()].reshape(field.shape))
+            offset += field.numel()
+        merged[name] = _from_fields(parts, moments[name].elem_sq_sum is not None)
+    return merged
+
+
+def _fields(record: GradMoments) -> list[torch.Tensor]:
+    g = record.grad_sum
+    count = torch.tensor([float(record.n)], dtype=g.dtype, device=g.device)
+    fields = [count, g, record.sq_norm_sum.to(g.dtype).reshape(1)]
+    return fields + ([record.elem_sq_sum] if record.elem_sq_sum is not None else [])
+
+
+def _from_fields(parts: list[torch.Tensor], elementwise: bool) -> GradMoments:
+    n = round(float(parts[0]))
+    elem = parts[3].clone() if elementwise else None
+    return GradMoments(n, parts[1].clone(), parts[2].reshape(()).clone(), elem)
+
+
+class NoiseScaleHook:
+    """DDP communication hook that records two-batch gradient norms (see the module docstring).
+
+    Example::
+
+        ddp = DistributedDataParallel(model)
+        hook = NoiseScaleHook(ddp)
+        noise = NoiseScale()
+        for x, y in loader:                       # b examples per rank
+            loss_fn(ddp(x), y).backward()         # the hook runs inside backward
+            noise.update(hook.record(local_batch_size=b))
+            optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        ddp_model: a ``DistributedDataParallel`` module, before its first backward.
+        loss_reduction: ``"mean"`` (DDP's usual per-rank mean loss) or ``"sum"``.
+        preconditioner: optional callable returning ``{name: p}``; norms are then of ``p * g``
+            (the preconditioned noise scale, see :mod:`gradnoise.stats.preconditioned`).
+    """
+
+    def __init__(
+        self,
+        ddp_model: nn.Module,
+        *,
+        loss_reduction: str = "mean",
+        preconditioner: Preconditioner | None = None,
+    ) -> None:
+        _check_ddp(ddp_model, loss_reduction)
+        self.group = ddp_model.process_group
+        self.world_size = dist.get_world_size(self.group)
+        self.loss_reduction = loss_reduction
+        self.preconditioner = preconditioner
+        self._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
+        self._clear()
+        ddp_model.register_comm_hook(self, NoiseScaleHook._hook)
+
+    def _clear(self) -> None:
+        self._order: dict[int, list[str]] = {}
+        self._small: dict[int, torch.Tensor] = {}
+        self._big: dict[int, torch.Tensor] = {}
+        self._small_reduced: torch.Tensor | None = None
+
+    def _sq_norms(self, names: list[str], grads: list[torch.Tensor]) -> torch.Tensor:
+        scales = self.preconditioner() if self.preconditioner is not None else None
+        if scales:
+            grads = [g * scales[n] if n in scales else g for n, g in zip(names, grads, strict=True)]
+        return torch.stack(torch._foreach_norm(grads)).to(torch.float64).pow(2)
+
+    @staticmethod
+    def _hook(self, bucket):  # no annotations: DDP checks them, and they are strings here
+        index, names = bucket.index(), [self._names[id(p)] for p in bucket.parameters()]
+        self._order[index] = names
+        self._small[index] = self._sq_norms(names, bucket.gradients())
+        buffer = bucket.buffer().div_(self.world_size)
+        reduced = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+
+        def after(fut: torch.futures.Future) -> torch.Tensor:
+            self._big[index] = self._sq_norms(names, bucket.gradients())  # reduced in place
+            return fut.value()[0]
+
+        reduced = reduced.then(after)
+        if not bucket.is_last():
+            return reduced
+        small = torch.cat([self._small.pop(i) for i in sorted(self._small)])
+        tiny = dist.all_reduce(small, group=self.group, async_op=True).get_future()
+        self._small_reduced = small
+        both = torch.futures.collect_all([reduced, tiny])
+        return both.then(lambda fut: fut.value()[0].value())
+
+    def record(self, *, local_batch_size: int) -> TwoBatchNorms:
+        """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step."""
+        if self._small_reduced is None or not self._big:
+            raise NotReadyError(
+                explain(
+                    "NoiseScaleHook.record",
+                    expected="a DDP backward pass since the last record",
+                    got="no synchronized backward (or record() called twice)",
+                    fix="call record() once per step, after loss.backward() outside no_sync()",
+                )
+            )
+        b = float(local_batch_size)
+        factor = b * b if self.loss_reduction == "sum" else 1.0
+        small = self._small_reduced / (self.world_size * factor)
+        big = torch.cat([self._big[i] for i in sorted(self._big)]) / factor
+        position = {
+            n: i for i, n in enumerate(n for k in sorted(self._order) for n in self._order[k])
+        }
+        order = [n for n in self._names.values() if n in position]  # the module's order
+        self._clear()
+        return TwoBatchNorms(
+            {n: small[position[n]] for n in order},
+            b,
+            {n: big[position[n]] for n in order},
+            b * self.world_size,
+        )
+
+
+def _check_ddp(ddp_model: nn.Module, loss_reduction: str) -> None:
+    if loss_reduction not in ("mean", "sum"):
+        raise GradNoiseError(
+            explain(
+                "NoiseScaleHook(loss_reduction=...)",
+                expected="'mean' or 'sum'",
+                got=repr(loss_reduction),
+                fix="pass the reduction of each rank's loss over its local batch",
+            )
+        )
+    if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        raise GradNoiseError(
+            explain(
+                "NoiseScaleHook",
+                expected="a torch.nn.parallel.DistributedDataParallel module",
+                got=type(ddp_model).__name__,
+                fix="wrap the model in DistributedDataParallel first (single process: use "
+                "GradStats or MicroBatchNorms)",
+            )
+        )
+    if dist.get_world_size(ddp_model.process_group) < 2:
+        raise GradNoiseError(
+            explain(
+                "NoiseScaleHook",
+                expected="a process group of at least 2 ranks (two batch sizes)",
+                got="world size 1",
+                fix="in a single process use GradStats or MicroBatchNorms instead",
+            )
+        )
