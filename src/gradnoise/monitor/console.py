@@ -1,0 +1,77 @@
+"""The live console view: progress, loss, the running noise scale and the noisiest layers.
+
+Drawn with rich. It refreshes by hand, at most ``refresh_hz`` times a second and only from the
+training thread, so its cost is part of the monitor's measured overhead (no render thread).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["ConsoleView", "fmt", "noisiest"]
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A compact number, or ``n/a`` for a missing one."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.2e}"
+
+
+def noisiest(record: dict, count: int = 3) -> list[tuple[str, float]]:
+    """The ``count`` parameters with the lowest GSNR in ``record``."""
+    values = [(name, v) for name, v in record.get("gsnr", {}).items() if v is not None]
+    return sorted(values, key=lambda item: item[1])[:count]
+
+
+def _table(record: dict) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    band = f"[{fmt(record.get('ci_low'))}, {fmt(record.get('ci_high'))}]"
+    table.add_row("loss", fmt(record.get("loss"), 4))
+    table.add_row("noise scale B_simple", f"{fmt(record.get('b_simple'))}  90% band {band}")
+    table.add_row(
+        "critical batch size ~",
+        f"{fmt(record.get('b_simple'))}  (batch size now {record.get('batch_size')})",
+    )
+    layers = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in noisiest(record))
+    table.add_row("lowest GSNR layers", layers or "n/a")
+    return table
+
+
+class ConsoleView:
+    """A rich ``Live`` display fed by the monitor on every step."""
+
+    def __init__(
+        self, total: int | None, *, console: Console | None = None, refresh_hz: float = 4.0
+    ) -> None:
+        self._progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
+        self._task = self._progress.add_task("steps", total=total)
+        self._table = Table()
+        self._live = Live(self._group(), console=console, auto_refresh=False)
+        self._interval, self._last = 1.0 / refresh_hz, 0.0
+        self._live.start()
+
+    def _group(self) -> Group:
+        return Group(self._progress, self._table)
+
+    def tick(self, step: int, record: dict | None = None) -> None:
+        """Advance to ``step``; redraw if a record arrived or the refresh interval passed."""
+        self._progress.update(self._task, completed=step + 1)
+        if record is not None:
+            self._table = _table(record)
+            self._live.update(self._group())
+        now = time.perf_counter()
+        if record is not None or now - self._last >= self._interval:
+            self._live.refresh()
+            self._last = now
+
+    def close(self) -> None:
+        self._live.refresh()
+        self._live.stop()

@@ -1,0 +1,252 @@
+"""Monitor: gradient-noise profiling for any training loop, on a schedule, with sinks.
+
+Example::
+
+    with Monitor(model, out="runs/demo", every=25) as monitor:
+        for batch in batches:
+            with monitor.step() as step:
+                loss = loss_fn(model, batch)     # mean over the batch
+                loss.backward()
+                step.loss = loss
+            optimizer.step()
+            optimizer.zero_grad()
+    # runs/demo: metrics.jsonl, plots/*.png, report.html (and tensorboard/ when installed)
+
+Every ``every``-th step runs inside :class:`~gradnoise.stats.engine.GradStats`; the others run
+untouched. Host syncs (``.item()``, ``.tolist()``) happen only on measured steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.monitor.console import ConsoleView
+from gradnoise.monitor.noise import NoiseScale
+from gradnoise.monitor.records import step_record
+from gradnoise.monitor.sinks import Sink, make_sinks
+from gradnoise.monitor.timing import overhead_summary
+from gradnoise.stats.engine import GradStats
+
+__all__ = ["Monitor", "StepHandle", "check_out_dir"]
+
+
+@dataclass
+class StepHandle:
+    """What ``with monitor.step() as step`` yields; set ``step.loss`` to log the loss."""
+
+    loss: torch.Tensor | float | None = None
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """``out`` as a Path, created if missing; refuses an existing file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise GradNoiseError(
+            explain(
+                "output directory",
+                expected="a directory (existing or new)",
+                got=f"{str(path)!r}, which is a file",
+                fix="pass a directory path with --out / out=, or remove the file",
+            )
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_every(every: int) -> None:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise GradNoiseError(
+            explain(
+                "every",
+                expected="an int >= 1 (measure one step in `every`)",
+                got=repr(every),
+                fix="pass every=25 (the default) or another positive int",
+            )
+        )
+
+
+class Monitor:
+    """Measures the gradient noise of ``model`` every ``every`` steps and sends records to sinks.
+
+    Args:
+        model: the module being trained (its loss must be a mean over the batch).
+        out: directory for metrics.jsonl, TensorBoard events, plots and report.html; ``None``
+            keeps records in memory only (``monitor.records``).
+        every: measure one step in ``every``; the rest run without hooks.
+        console: show the live rich view; ``total_steps`` sizes its progress bar.
+        tensorboard: also write TensorBoard events when the package is installed.
+        elementwise: collect elementwise moments, needed for the per-layer GSNR.
+        beta: smoothing of the running noise scale (per measured step).
+        report: write plots and report.html on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        out: str | Path | None = None,
+        every: int = 25,
+        console: bool = False,
+        total_steps: int | None = None,
+        tensorboard: bool = True,
+        elementwise: bool = True,
+        beta: float = 0.9,
+        report: bool = True,
+    ) -> None:
+        _check_every(every)
+        if not isinstance(model, nn.Module):
+            raise GradNoiseError(
+                explain(
+                    "Monitor(model)",
+                    expected="a torch.nn.Module",
+                    got=type(model).__name__,
+                    fix="pass the model itself",
+                )
+            )
+        self.out = check_out_dir(out) if out is not None else None
+        self.model, self.every, self.elementwise, self.report = model, every, elementwise, report
+        self.noise = NoiseScale(beta=beta)
+        self.records: list[dict] = []
+        self.meta: dict = {}
+        self.coverage: dict[str, str] | None = None
+        self._sinks: list[Sink] = make_sinks(self.out, tensorboard=tensorboard) if self.out else []
+        self._view = ConsoleView(total_steps) if console else None
+        self._step, self._started, self._stats, self._t0 = 0, None, None, None
+        self._plain: list[float] = []
+        self._measured: list[float] = []
+        self._own = 0.0
+        self._loss_sum, self._loss_count = None, 0
+
+    # ----------------------------------------------------------------------------- stepping
+    def measuring(self, step: int | None = None) -> bool:
+        """Whether step ``step`` (default: the next one) is a measured step."""
+        return ((self._step if step is None else step) + 1) % self.every == 0
+
+    def begin_step(self) -> None:
+        """Call before the forward pass of every training step."""
+        if self._t0 is not None:
+            raise GradNoiseError(
+                explain(
+                    "Monitor.begin_step",
+                    expected="end_step() after every begin_step()",
+                    got="two begin_step() calls in a row",
+                    fix="call end_step() when the backward pass of a step is done",
+                )
+            )
+        self._t0 = time.perf_counter()
+        self._started = self._started or self._t0
+        if self.measuring():
+            self._stats = GradStats(self.model, elementwise=self.elementwise).__enter__()
+
+    def end_step(self, loss: torch.Tensor | float | None = None) -> dict | None:
+        """Call after the backward pass; returns the record on measured steps, else ``None``."""
+        if self._t0 is None:
+            raise GradNoiseError(
+                explain(
+                    "Monitor.end_step",
+                    expected="a begin_step() before it",
+                    got="end_step() without begin_step()",
+                    fix="call begin_step() before the forward pass of each step",
+                )
+            )
+        stats, self._stats = self._stats, None
+        if stats is not None:
+            stats.__exit__(None, None, None)
+        body, self._t0 = time.perf_counter() - self._t0, None
+        own_start = time.perf_counter()
+        record = self._finish_step(stats, body, loss)
+        self._step += 1
+        self._own += time.perf_counter() - own_start
+        return record
+
+    def _finish_step(self, stats: GradStats | None, body: float, loss) -> dict | None:
+        if loss is not None:
+            value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_count += 1
+        (self._measured if stats is not None else self._plain).append(body)
+        record = self._measure(stats) if stats is not None else None
+        if self._view is not None:
+            self._view.tick(self._step, record)
+        return record
+
+    def _measure(self, stats: GradStats) -> dict:
+        self.noise.update(stats)
+        if self.coverage is None:
+            self.coverage = stats.coverage()
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
+        self._loss_sum, self._loss_count = None, 0
+        record = step_record(
+            stats,
+            self.noise.estimate(),
+            step=self._step,
+            loss=loss,
+            seconds=time.perf_counter() - self._started,
+        )
+        self.records.append(record)
+        for sink in self._sinks:
+            sink.write(record)
+        return record
+
+    def step(self) -> _StepContext:
+        """``with monitor.step() as step:`` around one forward and backward pass."""
+        return _StepContext(self)
+
+    # ----------------------------------------------------------------------------- ending
+    def summary(self) -> dict:
+        """The run record: timings, measured overhead, coverage and ``meta``."""
+        total = time.perf_counter() - self._started if self._started else 0.0
+        timing = overhead_summary(self._plain, self._measured, self._own, total)
+        return {
+            "kind": "run",
+            "every": self.every,
+            "steps": self._step,
+            **timing,
+            "coverage": self.coverage or {},
+            **self.meta,
+        }
+
+    def close(self) -> dict:
+        """Write the run record, close the sinks and (with ``out``) render the report."""
+        run = self.summary()
+        for sink in self._sinks:
+            sink.write(run)
+            sink.close()
+        self._sinks = []
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+        if self.out is not None and self.report and self.records:
+            from gradnoise.monitor.report import write_report
+
+            write_report(self.out)
+        return run
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _StepContext:
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor, self.handle = monitor, StepHandle()
+
+    def __enter__(self) -> StepHandle:
+        self.monitor.begin_step()
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            stats, self.monitor._stats, self.monitor._t0 = self.monitor._stats, None, None
+            if stats is not None:
+                stats.__exit__(exc_type, exc, tb)
+            return
+        self.monitor.end_step(self.handle.loss)

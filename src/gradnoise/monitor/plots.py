@@ -1,0 +1,101 @@
+"""The report's figures, drawn with matplotlib's Agg backend into PNG files.
+
+* ``noise_scale.png``: the running B_simple with its band, each batch's own estimate, the batch size.
+* ``gsnr.png``: per-layer GSNR averaged over the second half of training, lowest first.
+* ``norms.png``: the distribution of per-example gradient norms, early versus late in training.
+* ``loss.png``: the training loss at the measured steps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["late_gsnr", "write_plots"]
+
+
+def _series(steps: list[dict], key: str) -> list[float]:
+    return [math.nan if r.get(key) is None else r[key] for r in steps]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_noise_scale(steps: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = [r["step"] for r in steps]
+    high = [h if math.isfinite(h) else math.nan for h in _series(steps, "ci_high")]
+    ax.fill_between(x, _series(steps, "ci_low"), high, alpha=0.25, label="90% band")
+    ax.plot(x, _series(steps, "b_simple"), label="running B_simple")
+    ax.plot(x, _series(steps, "b_batch"), ".", alpha=0.4, label="one batch's estimate")
+    ax.axhline(steps[-1].get("batch_size") or 0, color="k", ls="--", lw=1, label="batch size")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="simple noise scale", title="Gradient noise scale")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def late_gsnr(steps: list[dict]) -> dict[str, float]:
+    """Mean GSNR of every parameter over the second half of the measured steps."""
+    late = steps[len(steps) // 2 :]
+    sums: dict[str, list[float]] = {}
+    for record in late:
+        for name, value in record.get("gsnr", {}).items():
+            if value is not None:
+                sums.setdefault(name, []).append(value)
+    return {name: sum(values) / len(values) for name, values in sums.items()}
+
+
+def plot_gsnr(steps: list[dict], path: Path) -> Path:
+    values = sorted(late_gsnr(steps).items(), key=lambda item: item[1])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(values) + 1)))
+    if values:
+        ax.barh([name for name, _ in values], [v for _, v in values], color="tab:orange")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    else:
+        ax.text(0.5, 0.5, "no GSNR recorded (elementwise=False)", ha="center")
+    ax.set(xlabel="mean GSNR (signal / noise per coordinate)", title="Per-layer GSNR, lowest first")
+    return _save(fig, path)
+
+
+def plot_norms(steps: list[dict], path: Path) -> Path:
+    third = max(1, len(steps) // 3)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for label, part in (("early", steps[:third]), ("late", steps[-third:])):
+        norms = [v for r in part for v in r.get("example_norms", []) if v is not None]
+        if norms:
+            ax.hist(norms, bins=40, alpha=0.55, label=f"{label} ({len(norms)} examples)")
+    ax.set(
+        xlabel="per-example gradient norm", ylabel="examples", title="Per-example gradient norms"
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_loss(steps: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.0))
+    ax.plot([r["step"] for r in steps], _series(steps, "loss"))
+    ax.set(xlabel="step", ylabel="loss", title="Training loss (mean since the last measurement)")
+    return _save(fig, path)
+
+
+def write_plots(steps: list[dict], directory: Path) -> dict[str, Path]:
+    """Draw every figure into ``directory`` and return their paths by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "noise_scale": plot_noise_scale(steps, directory / "noise_scale.png"),
+        "gsnr": plot_gsnr(steps, directory / "gsnr.png"),
+        "norms": plot_norms(steps, directory / "norms.png"),
+        "loss": plot_loss(steps, directory / "loss.png"),
+    }

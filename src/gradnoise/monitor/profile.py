@@ -1,0 +1,134 @@
+"""``gradnoise profile``: train a workload with a Monitor and write the report.
+
+A user's own model comes from a factory named ``MODULE:FACTORY``. The factory is called as
+``factory(batch_size=B)`` and returns either a :class:`gradnoise.workloads.Workload` or a tuple
+``(model, batches, loss_fn)``: an ``nn.Module``, an iterable of batches (tuples of tensors with
+the examples on dim 0) and ``loss_fn(model, batch)`` returning the mean loss over the batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.monitor.monitor import Monitor, check_out_dir
+from gradnoise.workloads import Workload
+
+__all__ = ["as_workload", "load_factory", "run_profile"]
+
+
+def _factory_error(spec: str, got: str, fix: str) -> GradNoiseError:
+    return GradNoiseError(
+        explain(
+            f"--model {spec}",
+            expected="MODULE:FACTORY naming a function "
+            "that returns a Workload or (model, batches, loss_fn)",
+            got=got,
+            fix=fix,
+        )
+    )
+
+
+def load_factory(spec: str):
+    """Import ``MODULE:FACTORY`` and return the callable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise _factory_error(
+            spec,
+            "no ':' between module and function",
+            "write it as my_package.my_module:make_workload",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _factory_error(
+            spec,
+            f"a module that cannot be imported ({exc})",
+            "run from the directory that holds the module, or install it",
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise _factory_error(
+            spec,
+            f"no function {attr!r} in module {module_name!r}",
+            "check the function name after the ':'",
+        )
+    return factory
+
+
+def as_workload(result, spec: str = "factory") -> Workload:
+    """Check a factory's return value and wrap a ``(model, batches, loss_fn)`` tuple."""
+    if isinstance(result, Workload):
+        return result
+    shape = type(result).__name__
+    if isinstance(result, tuple) and len(result) == 3:
+        model, batches, loss = result
+        if isinstance(model, nn.Module) and isinstance(batches, Iterable) and callable(loss):
+            return Workload(name=spec, model=model, batches=iter(batches), loss=loss)
+        shape = f"({type(model).__name__}, {type(batches).__name__}, {type(loss).__name__})"
+    raise _factory_error(
+        spec,
+        f"a return value of type {shape}",
+        "return (model: nn.Module, batches: iterable of tuples of tensors, "
+        "loss_fn: callable(model, batch) -> mean loss)",
+    )
+
+
+def _check_run(steps: int, every: int) -> None:
+    if not isinstance(steps, int) or steps < every:
+        raise GradNoiseError(
+            explain(
+                "--steps",
+                expected=f"an int >= --every ({every}), so at least one step is measured",
+                got=repr(steps),
+                fix="raise --steps or lower --every",
+            )
+        )
+
+
+def run_profile(
+    workload: Workload,
+    *,
+    steps: int,
+    every: int,
+    out: str | Path,
+    console: bool = True,
+    tensorboard: bool = True,
+) -> dict:
+    """Train ``workload`` for ``steps`` AdamW steps under a Monitor; returns the run record."""
+    _check_run(steps, every)
+    out = check_out_dir(out)
+    optimizer = torch.optim.AdamW(workload.model.parameters(), lr=workload.lr)
+    monitor = Monitor(
+        workload.model,
+        out=out,
+        every=every,
+        console=console,
+        total_steps=steps,
+        tensorboard=tensorboard,
+    )
+    monitor.meta = {
+        "workload": workload.name,
+        "description": workload.description,
+        "lr": workload.lr,
+    }
+    try:
+        _train(workload, monitor, optimizer, steps)
+    finally:
+        run = monitor.close()
+    return run | {"report": str(out / "report.html")}
+
+
+def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> None:
+    for _, batch in zip(range(steps), workload.batches):
+        with monitor.step() as step:
+            loss = workload.loss(workload.model, batch)
+            loss.backward()
+            step.loss = loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

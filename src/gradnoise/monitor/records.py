@@ -1,0 +1,135 @@
+"""Metric records: built from one measured step, written as JSON lines, read back tolerantly.
+
+``metrics.jsonl`` holds one ``{"kind": "step", ...}`` record per measured step and, when a run
+ends cleanly, one ``{"kind": "run", ...}`` summary (timings, overhead, coverage). Non-finite
+floats are written as ``null`` so the file stays standard JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.stats.engine import GradStats
+from gradnoise.stats.quantities import layer_gsnr
+
+__all__ = ["METRICS_FILE", "Metrics", "clean", "read_metrics", "step_record"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def clean(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``None`` (recursively), ready for JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(item) for item in value]
+    return value
+
+
+def _layer_gsnr(stats: GradStats) -> dict[str, float]:
+    moments = stats.moments()
+    return {name: layer_gsnr(record) for name, record in moments.items() if record.n >= 2}
+
+
+def step_record(stats: GradStats, reading, *, step: int, loss: float, seconds: float) -> dict:
+    """The record of one measured step: this batch's statistics and the running noise scale."""
+    batch = stats.noise_scale()
+    norms = stats.total_sq_norms().clamp_min(0).sqrt()
+    return clean(
+        {
+            "kind": "step",
+            "step": step,
+            "time": seconds,
+            "loss": loss,
+            "batch_size": stats.batch_size,
+            "b_simple": reading.b_simple,
+            "ci_low": reading.ci_low,
+            "ci_high": reading.ci_high,
+            "b_batch": batch.b_simple,
+            "trace_sigma": batch.trace_sigma,
+            "grad_sq_norm": batch.grad_sq_norm,
+            "layer_noise_scale": dict(reading.per_layer),
+            "gsnr": _layer_gsnr(stats) if stats.elementwise else {},
+            "example_norms": [round(v, 6) for v in norms.tolist()],
+        }
+    )
+
+
+@dataclass
+class Metrics:
+    """The contents of a metrics file: step records, the run summary, and skipped lines."""
+
+    steps: list[dict] = field(default_factory=list)
+    run: dict | None = None
+    skipped: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.steps[-1].get("batch_size") or 0)
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or record.get("kind") not in ("step", "run"):
+        return None
+    if record["kind"] == "step" and not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def read_metrics(directory: str | Path) -> Metrics:
+    """Read ``directory/metrics.jsonl``; corrupt lines are skipped and counted, never fatal."""
+    path = Path(directory) / METRICS_FILE
+    if not path.is_file():
+        raise GradNoiseError(
+            explain(
+                f"gradnoise report {directory}",
+                expected=f"a directory that holds {METRICS_FILE}",
+                got="a directory without it" if Path(directory).is_dir() else "no such directory",
+                fix="pass the --out directory of a `gradnoise profile` run or of a Monitor",
+            )
+        )
+    metrics = Metrics()
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        record = _parse(line)
+        if record is None:
+            metrics.skipped += 1
+        elif record["kind"] == "run":
+            metrics.run = record
+        else:
+            metrics.steps.append(record)
+    if not metrics.steps:
+        raise GradNoiseError(
+            explain(
+                f"gradnoise report {directory}",
+                expected=f"at least one step record in {METRICS_FILE}",
+                got=f"none ({metrics.skipped} unreadable lines)",
+                fix="run more steps than --every so that at least one step is measured",
+            )
+        )
+    return metrics
+
+
+def write_line(handle, record: dict) -> None:
+    """Append one record as a JSON line and flush, so a crash loses at most the current line."""
+    handle.write(json.dumps(clean(record), allow_nan=False) + "\n")
+    handle.flush()
+
+
+def to_float(value: torch.Tensor | float | None) -> float:
+    """A float from a tensor, number or None (NaN)."""
+    return math.nan if value is None else float(value)

@@ -1,0 +1,90 @@
+"""report.html: one self-contained page (plots embedded as base64 PNGs) rendered from metrics.jsonl."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from gradnoise.monitor.console import fmt
+from gradnoise.monitor.plots import late_gsnr, write_plots
+from gradnoise.monitor.recommend import batch_advice, layer_advice, overhead_text
+from gradnoise.monitor.records import Metrics, read_metrics
+
+__all__ = ["REPORT_FILE", "render_html", "write_report"]
+
+REPORT_FILE = "report.html"
+
+CAPTIONS = {
+    "noise_scale": "Running simple noise scale with its 90% band; dots are single batches.",
+    "gsnr": "Mean GSNR of each parameter over the second half of training.",
+    "norms": "Per-example gradient norms, first third versus last third of the measured steps.",
+    "loss": "Training loss.",
+}
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:56em;margin:2em auto;color:#222}"
+    "img{max-width:100%}td,th{padding:2px 10px;text-align:left}figure{margin:1em 0}"
+)
+
+
+def _image(name: str, path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img id="plot-{name}" alt="{name}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
+    )
+
+
+def _facts(metrics: Metrics) -> str:
+    last, run = metrics.steps[-1], metrics.run or {}
+    rows = [
+        ("workload", run.get("workload", "custom")),
+        ("steps trained / measured", f"{run.get('steps', '?')} / {len(metrics.steps)}"),
+        ("batch size", last.get("batch_size")),
+        ("noise scale B_simple (latest)", fmt(last.get("b_simple"))),
+        ("90% band", f"{fmt(last.get('ci_low'))} to {fmt(last.get('ci_high'))}"),
+        ("final loss", fmt(last.get("loss"), 4)),
+    ]
+    cells = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def _coverage(run: dict | None) -> str:
+    coverage = (run or {}).get("coverage") or {}
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in coverage.items()
+    )
+    return f"<details><summary>Coverage ({len(coverage)} parameters)</summary><table>{rows}</table></details>"
+
+
+def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:
+    """The report page for ``metrics`` with the PNG files of ``plots`` embedded."""
+    paragraphs = [
+        batch_advice(metrics.batch_size, metrics.steps[-1], metrics.steps[0]),
+        layer_advice(late_gsnr(metrics.steps)),
+        overhead_text(metrics.run),
+    ]
+    if metrics.skipped:
+        paragraphs.append(f"{metrics.skipped} unreadable line(s) of metrics.jsonl were skipped.")
+    body = "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
+    figures = "".join(_image(name, path) for name, path in plots.items())
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>gradnoise report</title>"
+        f"<style>{STYLE}</style></head><body><h1>gradnoise profile</h1>{_facts(metrics)}"
+        f"<h2>Recommendation</h2>{body}<h2>Plots</h2>{figures}{_coverage(metrics.run)}"
+        "</body></html>"
+    )
+
+
+def write_report(directory: str | Path) -> Path:
+    """Read ``directory/metrics.jsonl``, draw the plots and write ``directory/report.html``."""
+    directory = Path(directory)
+    metrics = read_metrics(directory)
+    plots = write_plots(metrics.steps, directory / "plots")
+    path = directory / REPORT_FILE
+    path.write_text(render_html(metrics, plots), encoding="utf-8")
+    return path

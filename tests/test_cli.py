@@ -1,0 +1,126 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gradnoise.cli import DEFAULTS, main
+from gradnoise.monitor.records import read_metrics
+
+TINY = ["--steps", "4", "--every", "2", "--batch-size", "4", "--no-console"]
+
+FACTORIES = textwrap.dedent("""
+    import itertools
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def _batches(batch_size):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(batch_size, 6, generator=g), torch.randint(0, 2, (batch_size,), generator=g)
+
+    def good(batch_size):
+        return nn.Linear(6, 2), _batches(batch_size), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+    def listed(batch_size):
+        return [nn.Linear(6, 2), _batches(batch_size), None]
+
+    def wrong_model(batch_size):
+        return "model", _batches(batch_size), F.cross_entropy
+""")
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "my_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_factories", raising=False)
+    return tmp_path
+
+
+def _error(capsys) -> str:
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_defaults_are_the_documented_ones():
+    assert DEFAULTS == {"workload": "charlm", "steps": 1000, "batch_size": 32, "every": 40,
+                        "out": "gradnoise-profile"}
+
+
+def test_profile_default_workload_short_run_writes_everything(tmp_path, capsys):
+    assert main(["profile", "--out", str(tmp_path / "out"), *TINY]) == 0
+    metrics = read_metrics(tmp_path / "out")
+    assert [r["step"] for r in metrics.steps] == [1, 3]
+    assert metrics.run["workload"] == "charlm" and metrics.run["steps"] == 4
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert "Profiling cost" in capsys.readouterr().out
+
+
+def test_profile_images_with_the_live_console(tmp_path, capsys):
+    args = ["profile", "--workload", "images", "--out", str(tmp_path), *TINY[:-1]]
+    assert main(args) == 0
+    assert "noise scale B_simple" in capsys.readouterr().out
+
+
+def test_profile_a_user_factory(factories, capsys):
+    assert main(["profile", "--model", "my_factories:good", "--out", "run", *TINY]) == 0
+    assert read_metrics(factories / "run").run["workload"] == "my_factories:good"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("my_factories:listed", "got a return value of type list. Return (model: nn.Module"),
+    ("my_factories:wrong_model", "got a return value of type (str, generator, function)"),
+    ("my_factories", "got no ':' between module and function"),
+    ("no_such_module_xyz:make", "got a module that cannot be imported"),
+    ("my_factories:absent", "got no function 'absent' in module 'my_factories'"),
+])
+def test_bad_factories_get_a_clear_error(factories, capsys, spec, message):
+    assert main(["profile", "--model", spec, "--out", "run", *TINY]) == 2
+    err = _error(capsys)
+    assert f"--model {spec}: expected MODULE:FACTORY naming a function" in err and message in err
+    assert not (factories / "run").exists()
+
+
+def test_unknown_workload(tmp_path, capsys):
+    assert main(["profile", "--workload", "mnist", "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "error: workload: expected one of 'charlm', 'images', got 'mnist'" in _error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["profile", "--out", str(target), *TINY]) == 2
+    assert "output directory: expected a directory (existing or new), got" in _error(capsys)
+    assert target.read_text() == "x"
+
+
+def test_fewer_steps_than_every(tmp_path, capsys):
+    assert main(["profile", "--steps", "3", "--every", "5", "--out", str(tmp_path / "o")]) == 2
+    assert "--steps: expected an int >= --every (5), so at least one step is measured, got 3" in _error(capsys)
+
+
+def test_report_rerenders_and_counts_a_corrupt_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["profile", "--workload", "images", "--out", str(out), *TINY]) == 0
+    (out / "report.html").unlink()
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "step", "step": 9, "trunc\n')
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "skipped 1 unreadable line(s) of metrics.jsonl" in capsys.readouterr().out
+    assert (out / "report.html").is_file()
+
+
+def test_report_on_a_directory_without_metrics(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "expected a directory that holds metrics.jsonl, got a directory without it" in _error(capsys)
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "run"}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "gradnoise", "report", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "expected at least one step record" in result.stderr
