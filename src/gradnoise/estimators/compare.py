@@ -1,0 +1,80 @@
+r"""Run several estimators on one problem and tabulate variance, cost and variance x cost.
+
+For each estimator, ``repeats`` independent estimates with ``num_samples`` samples each give
+
+* ``reported_variance``: the mean over repeats of :attr:`Estimate.total_variance`, the estimator's
+  own :math:`\sum_j \widehat{\mathrm{Var}}[\hat g_j]` from its GradMoments;
+* ``empirical_variance``: :math:`\sum_j` of the across-repeat sample variance of :math:`\hat g_j`
+  (the check that the reported number is honest);
+* ``evals``: evaluations of ``f`` per estimate, and ``variance_x_cost`` = reported variance times
+  evaluations (the work-normalized variance; lower is better);
+* ``bias``: :math:`\|\bar{\hat g} - \nabla\|` when the true gradient is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gradnoise.errors import GradNoiseError, explain
+from gradnoise.estimators.core import DistLike, SampleFn
+
+__all__ = ["Comparison", "compare"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row of :func:`compare`'s table."""
+
+    name: str
+    reported_variance: float
+    empirical_variance: float
+    evals: int
+    variance_x_cost: float
+    bias: float | None
+    seconds: float
+
+
+def _flat(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _row(name, estimates, true_grad, seconds) -> Comparison:
+    means = torch.stack([_flat(e.grads) for e in estimates])
+    reported = sum(e.total_variance for e in estimates) / len(estimates)
+    bias = None if true_grad is None else float((means.mean(0) - _flat(true_grad)).norm())
+    evals = estimates[0].num_evals
+    return Comparison(
+        name, reported, float(means.var(0).sum()), evals, reported * evals, bias, seconds
+    )
+
+
+def compare(
+    estimators: Mapping[str, object],
+    f: SampleFn,
+    dist: DistLike,
+    num_samples: int = 16,
+    *,
+    repeats: int = 20,
+    true_grad: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Comparison]:
+    """Estimate ``repeats`` times with each estimator (same ``f``, ``dist`` and budget)."""
+    if repeats < 2 or not estimators:
+        raise GradNoiseError(
+            explain(
+                "compare",
+                expected="at least one estimator and repeats >= 2",
+                got=f"{len(estimators)} estimators, repeats={repeats!r}",
+                fix="pass e.g. {'reinforce': ScoreFunction()} and repeats=20",
+            )
+        )
+    rows = []
+    for name, est in estimators.items():
+        start = time.perf_counter()
+        estimates = [est(f, dist, num_samples, generator=generator) for _ in range(repeats)]
+        rows.append(_row(name, estimates, true_grad, (time.perf_counter() - start) / repeats))
+    return rows
