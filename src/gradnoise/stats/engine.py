@@ -160,7 +160,7 @@ class GradStats:
         self._batch: int | None = None
         self._uses: Counter[str] = Counter()
         self._acc: dict[str, Accumulator] = {}
-        self._residuals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._residuals: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._backward_started = False
         self._backward_done = False
         self._suspended = False
@@ -363,11 +363,12 @@ class GradStats:
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> None:
             acc = self._acc.get(name)
+            if acc is not None and grad is acc.grad:
+                # autograd passed on the very tensor the rule returned: no other contribution
+                self._residuals[name] = None
+                return None
             measured = acc.grad if acc is not None else torch.zeros_like(grad)
-            self._residuals[name] = (
-                sq_norm(grad - measured),
-                sq_norm(grad),
-            )
+            self._residuals[name] = (sq_norm(grad - measured), sq_norm(grad))
             return None
 
         return hook
@@ -377,8 +378,9 @@ class GradStats:
         """The accumulators of measured parameters, after the readiness and residual checks."""
         if not self._checked:
             self._check_ready()
-            for name, (residual, total) in self._residuals.items():
-                check_residual(name, residual, total, self._acc.get(name))
+            for name, residual in self._residuals.items():
+                if residual is not None:
+                    check_residual(name, *residual, self._acc.get(name))
             self._checked = True
         return {name: self._acc[name] for name in self._plan.params if name in self._acc}
 
@@ -434,22 +436,17 @@ class GradStats:
     def noise_scale(self) -> NoiseScaleEstimate:
         """Whole-model simple noise scale of this batch (see ``gradient_noise_scale``).
 
-        Uses the gradient norms the residual check already took, so it costs no pass over the
-        parameters: the same numbers as ``gradient_noise_scale(stats.moments())``.
+        Reads two scalars per parameter (the summed squared per-example norms and the squared
+        norm of the summed gradient), so it builds no moments: the same numbers as
+        ``gradient_noise_scale(stats.moments())``.
         """
         measured = self._measured()
         sq_norm_sum = torch.stack([acc.sq_norms().sum() for acc in measured.values()]).sum()
-        grad_norms = [self._grad_sq_norm(name, acc) for name, acc in measured.items()]
-        sum_sq_norm = torch.stack(grad_norms).sum()
+        sum_sq_norm = torch.stack([sq_norm(acc.grad) for acc in measured.values()]).sum()
         _require_batch(self._batch)
         return noise_scale_from_sums(
             self._batch, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
         )
-
-    def _grad_sq_norm(self, name: str, acc: Accumulator) -> torch.Tensor:
-        if name in self._residuals:
-            return self._residuals[name][1]
-        return sq_norm(acc.grad)
 
     def coverage(self) -> dict[str, str]:
         """How each parameter was measured (``gram``, ``bmm``, ...) or ``skipped: <reason>``."""

@@ -116,6 +116,7 @@ class TinyGPT(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Positions expanded to (B, T): every example's use of the table stays visible.
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        positions = positions.contiguous()  # Opacus' embedding norms need contiguous ids
         x = self.tok(tokens) + self.pos(positions)
         for block in self.blocks:
             x = block(x)
@@ -135,4 +136,4 @@ def make_gpt(
     """W3: TinyGPT(vocab 1000, dim 256, 2 layers, T=128), B=16, random tokens."""
     model = TinyGPT(vocab, dim, layers, heads=4, context=context, tie=tie)
     tokens = torch.randint(0, vocab, (batch, context + 1), generator=generator)
-    return model, (tokens[:, :-1], tokens[:, 1:]), lm_loss
+    return model, (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()), lm_loss

@@ -1,0 +1,174 @@
+"""Overhead of per-example gradient statistics: gradnoise against a plain step and its peers.
+
+For each workload (W1 MLP, W2 CNN, W3 GPT-like LM) every method runs interleaved in one process:
+each round times every method once, in rotating order, so slow drifts of this shared machine hit
+all methods alike. Reported per method: the median step time, the ratio of medians to the plain
+forward+backward, the median of per-round ratios, and how many parameter tensors it covered. With
+``--memory`` each method also runs alone in a fresh process, and the extra peak RSS over the
+plain step's process is reported.
+
+    python benchmarks/engine_overhead.py                # full run, JSON in benchmarks/results/
+    python benchmarks/engine_overhead.py --quick        # 3 rounds, no memory, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import METHODS  # noqa: E402
+
+from gradnoise.testing.models import make_cnn, make_gpt, make_mlp  # noqa: E402
+
+WORKLOADS = {"W1": make_mlp, "W2": make_cnn, "W3": make_gpt}
+HERE = Path(__file__).resolve().parent
+
+
+def build(workload: str):
+    torch.manual_seed(0)
+    return WORKLOADS[workload](generator=torch.Generator().manual_seed(0))
+
+
+def prepare(workload: str, methods: list[str]):
+    """``{method: (step, covered)}`` for the methods that could be set up, plus their failures."""
+    model, batch, loss_fn = build(workload)
+    steps, failures = {}, {}
+    for name in methods:
+        try:
+            steps[name] = METHODS[name](model, batch, loss_fn)
+            steps[name][0]()  # warm-up, and proof that it runs on this model
+        except ImportError as error:
+            failures[name] = f"not installed: {error}"
+        except Exception as error:  # a peer that cannot handle the model is a result too
+            failures[name] = f"{type(error).__name__}: {error}"[:300]
+            steps.pop(name, None)
+    return steps, failures, len(list(model.parameters()))
+
+
+def time_interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name][0]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: dict[str, list[float]], steps: dict, total_params: int) -> dict:
+    plain = times["plain"]
+    out = {}
+    for name, values in times.items():
+        paired = [v / p for v, p in zip(values, plain, strict=True)]
+        out[name] = {
+            "median_ms": 1e3 * statistics.median(values),
+            "ratio_of_medians": statistics.median(values) / statistics.median(plain),
+            "median_paired_ratio": statistics.median(paired),
+            "params_covered": steps[name][1](),
+            "params_total": total_params,
+        }
+    return out
+
+
+def peak_rss_mib(workload: str, method: str, threads: int) -> float | None:
+    """Peak RSS (MiB) of a fresh process running a few steps of one method."""
+    command = [sys.executable, __file__, "--child", workload, method, "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def child(workload: str, method: str) -> None:
+    steps, failures, _ = prepare(workload, [method])
+    if failures:
+        raise SystemExit(1)
+    for _ in range(3):
+        steps[method][0]()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run(args) -> dict:
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "device": "cpu",
+        "rounds": args.rounds,
+        "workloads": {},
+    }
+    for workload in args.workloads:
+        steps, failures, total = prepare(workload, ["plain", *args.methods])
+        times = time_interleaved(steps, args.rounds)
+        entry = {"methods": summarize(times, steps, total), "failures": failures}
+        if args.memory:
+            base = peak_rss_mib(workload, "plain", args.threads)
+            for name in steps:
+                peak = peak_rss_mib(workload, name, args.threads)
+                extra = None if peak is None or base is None else peak - base
+                entry["methods"][name]["extra_peak_rss_mib"] = extra
+        report["workloads"][workload] = entry
+        print_table(workload, entry)
+    return report
+
+
+def print_table(workload: str, entry: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{workload}: step time relative to a plain forward+backward")
+    for column in ("method", "median ms", "ratio", "paired ratio", "params", "extra MiB"):
+        table.add_column(column, justify="right")
+    for name, m in entry["methods"].items():
+        extra = m.get("extra_peak_rss_mib")
+        table.add_row(
+            name,
+            f"{m['median_ms']:.1f}",
+            f"{m['ratio_of_medians']:.3f}",
+            f"{m['median_paired_ratio']:.3f}",
+            f"{m['params_covered']}/{m['params_total']}",
+            "-" if extra is None else f"{extra:.0f}",
+        )
+    for name, why in entry["failures"].items():
+        table.add_row(name, "failed", why[:60], "", "", "")
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "plain"])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, no memory runs")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "engine_overhead.json")
+    parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(*args.child)
+        return
+    if args.quick:
+        args.rounds, args.memory = 3, False
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
