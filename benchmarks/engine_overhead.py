@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import METHODS  # noqa: E402
+from peers import METHODS
 
-from gradnoise.testing.models import make_cnn, make_gpt, make_mlp  # noqa: E402
+from gradnoise.testing.models import make_cnn, make_gpt, make_mlp
 
 WORKLOADS = {"W1": make_mlp, "W2": make_cnn, "W3": make_gpt}
 HERE = Path(__file__).resolve().parent

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-import torch.nn.functional as F
-
 from gradnoise import GradStats
 
 
@@ -119,4 +116,4 @@ METHODS = {
     "functorch_vmap": functorch_vmap,
 }
 
-__all__ = ["METHODS", "F"]
+__all__ = ["METHODS"]
