@@ -249,3 +249,18 @@ def test_no_grad_forward_inside_the_block_is_ignored():
             model(torch.randn(7, 3))  # another batch size, but not recorded
         F.cross_entropy(model(x), y).backward()
     assert stats.batch_size == 5
+
+
+def test_one_gradstats_object_serves_many_steps():
+    model = _mlp()
+    stats = GradStats(model)
+    results = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x, y = _batch(4 + seed)
+        with stats:
+            F.cross_entropy(model(x), y).backward()
+        results.append(stats.per_example_sq_norms()["0.weight"])
+        model.zero_grad(set_to_none=True)
+    assert [r.shape for r in results] == [(4,), (5,)]
+    assert _hooks_left(model) == 0
