@@ -36,6 +36,7 @@ __all__ = [
     "Estimate",
     "Estimator",
     "check_num_samples",
+    "chunk_sizes",
     "evaluate",
     "finish",
     "per_sample_grads",
@@ -177,12 +178,23 @@ def evaluate(what: str, f: SampleFn, samples: torch.Tensor, num_samples: int) ->
     return values
 
 
+CHUNK = 256  # samples per vectorized backward: the cost of one chunk is O(CHUNK * chunk graph)
+
+
+def chunk_sizes(num_samples: int, block: int) -> list[int]:
+    """Split ``num_samples`` into chunks of about :data:`CHUNK`, each a multiple of ``block``."""
+    size = max(block, CHUNK // block * block)
+    full, rest = divmod(num_samples, size)
+    return [size] * full + ([rest] if rest else [])
+
+
 def per_sample_grads(
-    outputs: torch.Tensor, params: Sequence[torch.Tensor], *, retain_graph: bool = False
+    outputs: torch.Tensor, params: Sequence[torch.Tensor], *, retain_graph: bool = True
 ) -> list[torch.Tensor]:
     """Gradients of each ``outputs[k]`` w.r.t. every parameter, stacked to ``(K, *shape)``.
 
-    One vectorized backward (``is_grads_batched``); unused parameters get zeros.
+    One vectorized backward (``is_grads_batched``); unused parameters get zeros. The graph is
+    retained by default because chunks share the distribution's own parameter nodes.
     """
     eye = torch.eye(outputs.shape[0], dtype=outputs.dtype, device=outputs.device)
     grads = torch.autograd.grad(

@@ -21,6 +21,7 @@ from gradnoise.estimators.core import (
     Estimate,
     SampleFn,
     check_num_samples,
+    chunk_sizes,
     evaluate,
     finish,
     per_sample_grads,
@@ -66,15 +67,23 @@ class Pathwise:
         dist, params = resolve(dist, "Pathwise")
         require_rsample(dist, "Pathwise")
         check_num_samples("Pathwise", num_samples, self.sampler.block)
-        x = self.sampler.sample(dist, num_samples, generator=generator, reparam=True)
-        values = evaluate("Pathwise", f, x, num_samples)
-        cv = self.control_variate
-        terms = per_sample_grads(values, params, retain_graph=cv is not None)
-        if cv is not None:
-            h = cv.values(x, num_samples)
-            columns = [
-                per_sample_grads(h[:, i], params, retain_graph=True) for i in range(h.shape[1])
-            ]
-            controls = [torch.stack(per_param, -1) for per_param in zip(*columns, strict=True)]
-            terms = cv.correct(terms, controls, cv.mean_grads(dist, params))
+        chunks = [
+            self._chunk(f, dist, params, size, generator)
+            for size in chunk_sizes(num_samples, self.sampler.block)
+        ]
+        terms = [torch.cat(t) for t in zip(*(c[0] for c in chunks), strict=True)]
+        if self.control_variate is not None:
+            controls = [torch.cat(c) for c in zip(*(c[1] for c in chunks), strict=True)]
+            means = self.control_variate.mean_grads(dist, params)
+            terms = self.control_variate.correct(terms, controls, means)
         return finish(params, terms, block=self.sampler.block, num_evals=num_samples)
+
+    def _chunk(self, f, dist, params, size, generator):
+        """Per-sample gradients of ``f`` (and of the control variate's ``h``) for one chunk."""
+        x = self.sampler.sample(dist, size, generator=generator, reparam=True)
+        terms = per_sample_grads(evaluate("Pathwise", f, x, size), params)
+        if self.control_variate is None:
+            return terms, None
+        h = self.control_variate.values(x, size)
+        columns = [per_sample_grads(h[:, i], params) for i in range(h.shape[1])]
+        return terms, [torch.stack(per_param, -1) for per_param in zip(*columns, strict=True)]

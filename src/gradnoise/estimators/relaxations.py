@@ -28,6 +28,7 @@ from gradnoise.estimators.core import (
     Estimate,
     SampleFn,
     check_num_samples,
+    chunk_sizes,
     evaluate,
     finish,
     per_sample_grads,
@@ -93,9 +94,12 @@ class _Relaxation:
         what = type(self).__name__
         dist, params = resolve(dist, what)
         check_num_samples(what, num_samples)
-        y = relaxed_sample(dist, num_samples, self.temperature, hard=self.hard, generator=generator)
-        values = evaluate(what, f, y, num_samples)
-        return finish(params, per_sample_grads(values, params), block=1, num_evals=num_samples)
+        chunks = []
+        for size in chunk_sizes(num_samples, 1):
+            y = relaxed_sample(dist, size, self.temperature, hard=self.hard, generator=generator)
+            chunks.append(per_sample_grads(evaluate(what, f, y, size), params))
+        terms = [torch.cat(t) for t in zip(*chunks, strict=True)]
+        return finish(params, terms, block=1, num_evals=num_samples)
 
 
 class GumbelSoftmax(_Relaxation):

@@ -21,6 +21,7 @@ from gradnoise.estimators.core import (
     Estimate,
     SampleFn,
     check_num_samples,
+    chunk_sizes,
     evaluate,
     finish,
     per_sample_grads,
@@ -71,9 +72,7 @@ class ScoreFunction:
     ) -> Estimate:
         dist, params = resolve(dist, "ScoreFunction")
         check_num_samples("ScoreFunction", num_samples, self.sampler.block)
-        x = self.sampler.sample(dist, num_samples, generator=generator, reparam=False).detach()
-        values = evaluate("ScoreFunction", f, x, num_samples).detach()
-        s = scores(dist, x, params)
+        x, values, s = self._draw(f, dist, params, num_samples, generator)
         baselines = self.baseline(values, s)
         terms = [_times(values, g) - b * g for g, b in zip(s, baselines, strict=True)]
         if self.control_variate is not None:
@@ -81,3 +80,13 @@ class ScoreFunction:
             controls = [_times(cv.values(x, num_samples).detach(), g) for g in s]
             terms = cv.correct(terms, controls, cv.mean_grads(dist, params))
         return finish(params, terms, block=self.sampler.block, num_evals=num_samples)
+
+    def _draw(self, f, dist, params, num_samples, generator):
+        """Samples, values and scores, drawn chunk by chunk (see :func:`chunk_sizes`)."""
+        xs, values, s = [], [], []
+        for size in chunk_sizes(num_samples, self.sampler.block):
+            x = self.sampler.sample(dist, size, generator=generator, reparam=False).detach()
+            xs.append(x)
+            values.append(evaluate("ScoreFunction", f, x, size).detach())
+            s.append(scores(dist, x, params))
+        return torch.cat(xs), torch.cat(values), [torch.cat(g) for g in zip(*s, strict=True)]
