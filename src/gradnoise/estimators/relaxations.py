@@ -55,16 +55,7 @@ def relaxed_sample(
     dist, num_samples: int, temperature: float, *, hard: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     """``K`` relaxed (``hard=False``) or straight-through (``hard=True``) samples."""
-    logits = dist.logits
-    u = torch.rand((num_samples, *logits.shape), generator=generator, dtype=logits.dtype)
-    u = u.clamp(1e-10, 1 - 1e-10)
-    if isinstance(dist, Bernoulli):
-        soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
-        hard_sample = (soft > 0.5).to(soft.dtype)
-    elif isinstance(dist, (Categorical, OneHotCategorical)):
-        soft = torch.softmax((logits - (-u.log()).log()) / temperature, -1)
-        hard_sample = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    else:
+    if not isinstance(dist, (Bernoulli, Categorical, OneHotCategorical)):
         raise GradNoiseError(
             explain(
                 "relaxation",
@@ -73,7 +64,16 @@ def relaxed_sample(
                 fix="use Pathwise for continuous distributions, ScoreFunction for other discrete",
             )
         )
-    return hard_sample + soft - soft.detach() if hard else soft
+    logits = dist.logits
+    u = torch.rand((num_samples, *logits.shape), generator=generator, dtype=logits.dtype)
+    u = u.clamp(1e-10, 1 - 1e-10)
+    if isinstance(dist, Bernoulli):
+        soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
+        hard_sample = (soft > 0.5).to(soft.dtype)
+    else:
+        soft = torch.softmax((logits - (-u.log()).log()) / temperature, -1)
+        hard_sample = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard_sample + (soft - soft.detach()) if hard else soft  # forward value: exactly hard
 
 
 class _Relaxation:

@@ -113,14 +113,10 @@ class MeZO(Optimizer):
             decays += [group["weight_decay"]] * len(trainable)
         state = self.state["mezo"]
         seed = (state["seed"] * 1_000_033 + state["step"]) % (2**62)
-        loss, state["history"] = mezo_step(
-            params,
-            closure,
-            seed=seed,
-            lrs=lrs,
-            weight_decays=decays,
-            history=state["history"],
-            **self.options,
-        )
-        state["step"] += 1
+        loss, history = mezo_step(
+            params, closure, seed=seed, lrs=lrs, weight_decays=decays,
+            history=state["history"], **self.options,
+        )  # fmt: skip
+        # a new dict, so a state_dict taken earlier is not changed by later steps
+        self.state["mezo"] = {**state, "step": state["step"] + 1, "history": history}
         return loss
