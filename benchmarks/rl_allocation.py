@@ -176,6 +176,11 @@ def summarise(results, configs):
             "zero_variance_fraction": [r["zero_variance_fraction"] for r in runs],
             "variance_per_rollout": [r["variance_per_rollout"] for r in runs],
         }
+    base = statistics.median(out["uniform+grpo"]["zero_variance_fraction"])
+    for s in out.values():
+        s["zero_variance_drop_vs_uniform"] = base / statistics.median(s["zero_variance_fraction"])
+        reached = [f for f in s["rollouts_to_uniform_final_fraction"] if f is not None]
+        s["seeds_reaching_uniform_final"] = len(reached)
     return {"uniform_grpo_final_accuracy": target, "uniform_total_rollouts": total, "configs": out}
 
 
@@ -225,13 +230,13 @@ def parse():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke run")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--budget", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--candidates", type=int, default=64)
     ap.add_argument("--pool", type=int, default=256)
     ap.add_argument("--test", type=int, default=512)
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=800)
     ap.add_argument("--sft-size", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -240,7 +245,7 @@ def parse():
     ap.add_argument("--out", default=str(OUT / "rl_allocation"))
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.steps, args.sft_steps, args.var_every = 1, 20, 150, 10
+        args.seeds, args.steps, args.sft_steps, args.var_every = 1, 20, 100, 10
     return args
 
 

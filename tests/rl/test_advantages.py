@@ -25,7 +25,7 @@ def per_group(groups, fn):
     return torch.tensor([fn(g, r) for g in groups for r in g])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(ragged)
 def test_grpo_dr_grpo_rloo_match_the_per_group_formulas(groups):
     rewards, sizes = flat(groups)

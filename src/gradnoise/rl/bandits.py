@@ -25,12 +25,14 @@ class VADE(AllocatorBase):
 
     Each prompt keeps evidence ``(A, B)`` (decayed success/failure counts, rewards in [0, 1]);
     its posterior over the pass rate is ``Beta(a0 + A, b0 + B)``. A step draws
-    ``theta ~ Beta(.)`` per candidate and picks the ``prompts_per_step`` largest
-    ``theta (1 - theta)`` - the Bernoulli reward variance, which is what a GRPO group's gradient
-    signal scales with - so prompts with uncertain or middling pass rates win, and exploration
-    comes from the posterior width. Two-scale decay, as we read the method: every step all
-    evidence shrinks by ``rho_long`` (slow policy drift), and a prompt's own evidence shrinks
-    by ``rho_short`` when it is observed again (its old rollouts came from an older policy).
+    ``theta ~ Beta(.)`` per candidate and picks the ``prompts_per_step`` largest expected
+    information of a group of ``n = budget // prompts_per_step`` samples,
+    ``1 - theta^n - (1 - theta)^n``: the probability that the group's rewards are not all equal,
+    i.e. that it carries any GRPO gradient at all (``score="group"``); ``score="bernoulli"`` uses
+    ``theta (1 - theta)``, the reward variance, instead. Exploration comes from the posterior
+    width. Two-scale decay, as we read the method: every step all evidence shrinks by
+    ``rho_long`` (slow policy drift), and a prompt's own evidence shrinks by ``rho_short`` when it
+    is observed again (its old rollouts came from an older policy).
     The exact decay schedule of the paper may differ; these two rates are its stated intent.
     """
 
@@ -43,10 +45,12 @@ class VADE(AllocatorBase):
         prior: tuple[float, float] = (1.0, 1.0),
         rho_long: float = 0.99,
         rho_short: float = 0.5,
+        score: str = "group",
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
         self.prior, self.rho_long, self.rho_short = prior, rho_long, rho_short
+        self.score = score
         self.evidence = torch.zeros(2, num_prompts, dtype=torch.float64)
 
     def posterior(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +63,9 @@ class VADE(AllocatorBase):
             return torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         a, b = self.posterior(stats.prompt_ids)
         theta = torch.from_numpy(self.rng.beta(a.numpy(), b.numpy()))
-        chosen = torch.argsort(-theta * (1 - theta), stable=True)[: self.prompts_per_step]
+        n = budget // self.prompts_per_step
+        info = theta * (1 - theta) if self.score == "bernoulli" else 1 - theta**n - (1 - theta) ** n
+        chosen = torch.argsort(-info, stable=True)[: self.prompts_per_step]
         return _equal_split(chosen, len(stats.prompt_ids), budget)
 
     def _before_add(self, ids: torch.Tensor, unit: torch.Tensor) -> None:
