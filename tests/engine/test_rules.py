@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from gradnoise import GradStats
 from gradnoise.layers import linear
 from gradnoise.layers.registry import Request
 from gradnoise.testing.check import reference_errors
@@ -168,3 +169,43 @@ def test_functional_weight_passed_to_f_linear_is_measured():
 
     model = Functional().double()
     _assert_matches(model, torch.randn(4, 2, 3, dtype=torch.float64))
+
+
+class _FirstOutput(nn.Module):
+    """Wraps a module and keeps its first output (RNNs return (output, hidden))."""
+
+    def __init__(self, module, two_inputs=False):
+        super().__init__()
+        self.module, self.two_inputs = module, two_inputs
+
+    def forward(self, x):
+        out = self.module(x, x) if self.two_inputs else self.module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+FALLBACK_MODULES = {
+    "lstm": (lambda: nn.LSTM(3, 4, batch_first=True), (4, 5, 3), "fallback-loop"),
+    "gru": (lambda: nn.GRU(3, 4, batch_first=True), (4, 5, 3), "fallback-loop"),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (3, 2, 3, 3, 3), "fallback"),
+    "conv-transpose": (lambda: nn.ConvTranspose2d(2, 3, 2), (3, 2, 3, 3), "fallback"),
+    "prelu": (lambda: nn.PReLU(3), (4, 3, 5), "fallback"),
+    "instance-norm": (lambda: nn.InstanceNorm1d(3, affine=True), (4, 3, 5), "fallback"),
+    "batch-norm-eval": (lambda: nn.BatchNorm1d(3).eval(), (4, 3, 5), "fallback"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FALLBACK_MODULES))
+def test_modules_without_a_rule_go_through_the_fallback(kind):
+    make, shape, method = FALLBACK_MODULES[kind]
+    torch.manual_seed(0)
+    model = _FirstOutput(make()).double()
+    _assert_matches(model, torch.randn(*shape, dtype=torch.float64))
+    with GradStats(model) as stats:
+        model(torch.randn(*shape, dtype=torch.float64)).sum().backward()
+    assert set(stats.coverage().values()) == {method}
+
+
+def test_bilinear_with_two_batched_inputs_goes_through_the_fallback():
+    torch.manual_seed(0)
+    model = _FirstOutput(nn.Bilinear(3, 3, 2), two_inputs=True).double()
+    _assert_matches(model, torch.randn(4, 3, dtype=torch.float64))

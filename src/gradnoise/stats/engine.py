@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
@@ -291,16 +292,16 @@ class GradStats:
             call = module.__dict__.pop("_gradnoise_pending", None)
             if call is None:
                 return None
-            positions = fallback_rule.output_tensors(output)
+            positions = fallback_rule.batched_outputs(output, self._batch)
             if not positions:
                 return None
             call.positions = positions
             self._uses.update(call.names.values())
-            items = list(fallback_rule._as_sequence(output))
-            tapped = _Tap.apply(self, call, *(items[i] for i in positions))
+            leaves, spec = tree_flatten(output)
+            tapped = _Tap.apply(self, call, *(leaves[i] for i in positions))
             for i, tensor in zip(positions, tapped, strict=True):
-                items[i] = tensor
-            return items[0] if isinstance(output, torch.Tensor) else type(output)(items)
+                leaves[i] = tensor
+            return tree_unflatten(leaves, spec)
 
         return hook
 
@@ -340,19 +341,19 @@ class GradStats:
     def _fallback_backward(self, call: _Call, grad_outputs) -> None:
         self._on_backward()
         owner = call.owner
-        grads = [g if g is not None else torch.zeros(()) for g in grad_outputs]
+        grads = list(grad_outputs)  # autograd materializes zeros for unused outputs
         params = {local: self._plan.params[name] for local, name in call.names.items()}
         self._suspended = True
         try:
-            per_example = fallback_rule.per_example_grads(
+            per_example, strategy = fallback_rule.per_example_grads(
                 owner.module, owner.name, params, call.inputs, call.positions, grads, self._batch
             )
         finally:
             self._suspended = False
         for local, name in call.names.items():
-            self._accumulate(
-                name, Pieces(per_example[local].sum(0), None, None, per_example[local], "fallback")
-            )
+            method = "fallback" if strategy == "vmap" else "fallback-loop"
+            pieces = Pieces(per_example[local].sum(0), None, None, per_example[local], method)
+            self._accumulate(name, pieces)
 
     def _accumulate(self, name: str, pieces: Pieces) -> None:
         if name in self._acc:
