@@ -12,11 +12,13 @@ appendix A.1):
     \text{small: } \frac1W \sum_r \|g_r\|^2 \text{ at } B = b,\qquad
     \text{big: } \|\bar g\|^2 \text{ at } B = W b,
 
-so :class:`NoiseScaleHook` needs no extra backward: it takes per-parameter squared norms of each
-bucket before and after its all-reduce, and averages the local norms over ranks with one tiny extra
-all-reduce (one float per parameter) launched together with the last bucket's. Nothing syncs with
-the host; :meth:`NoiseScaleHook.record` returns a :class:`TwoBatchNorms` for
-:class:`gradnoise.stats.running.NoiseScale`.
+so :class:`NoiseScaleHook` needs no extra backward: inside DDP's backward it takes per-parameter
+squared norms of each bucket before its mean all-reduce, and appends those local norms (one float
+per parameter) to the last bucket, so they are averaged over ranks by the same collective: no
+extra all-reduce at all (k-diffusion's hook needs one more per step). :meth:`NoiseScaleHook.record`
+then reads the norms of the reduced ``param.grad`` and returns a :class:`TwoBatchNorms` for
+:class:`gradnoise.stats.running.NoiseScale`; nothing syncs with the host. float16 gradients are
+refused (squared norms overflow its range); bfloat16 carries the norms to about 3 digits.
 """
 
 from __future__ import annotations
@@ -108,41 +110,41 @@ class NoiseScaleHook:
         ddp_model.register_comm_hook(self, NoiseScaleHook._hook)
 
     def _clear(self) -> None:
-        self._order: dict[int, list[str]] = {}
+        self._buckets: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._small: dict[int, torch.Tensor] = {}
-        self._big: dict[int, torch.Tensor] = {}
-        self._small_reduced: torch.Tensor | None = None
+        self._carrier: tuple[torch.Tensor, int] | None = None
+        self._scales: Mapping[str, torch.Tensor] | None = None
 
     def _sq_norms(self, names: list[str], grads: list[torch.Tensor]) -> torch.Tensor:
-        scales = self.preconditioner() if self.preconditioner is not None else None
+        if self.preconditioner is not None and self._scales is None:
+            self._scales = self.preconditioner() or {}  # read once per step
+        scales = self._scales
         if scales:
             grads = [g * scales[n] if n in scales else g for n, g in zip(names, grads, strict=True)]
         return torch.stack(torch._foreach_norm(grads)).to(torch.float64).pow(2)
 
     @staticmethod
     def _hook(self, bucket):  # no annotations: DDP checks them, and they are strings here
-        index, names = bucket.index(), [self._names[id(p)] for p in bucket.parameters()]
-        self._order[index] = names
-        self._small[index] = self._sq_norms(names, bucket.gradients())
-        buffer = bucket.buffer().div_(self.world_size)
-        reduced = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
-
-        def after(fut: torch.futures.Future) -> torch.Tensor:
-            self._big[index] = self._sq_norms(names, bucket.gradients())  # reduced in place
-            return fut.value()[0]
-
-        reduced = reduced.then(after)
-        if not bucket.is_last():
-            return reduced
-        small = torch.cat([self._small.pop(i) for i in sorted(self._small)])
-        tiny = dist.all_reduce(small, group=self.group, async_op=True).get_future()
-        self._small_reduced = small
-        both = torch.futures.collect_all([reduced, tiny])
-        return both.then(lambda fut: fut.value()[0].value())
+        """Local norms, then DDP's mean all-reduce; the last bucket carries the norms along."""
+        params = [(self._names[id(p)], p) for p in bucket.parameters()]
+        self._buckets[bucket.index()] = params
+        self._small[bucket.index()] = self._sq_norms([n for n, _ in params], bucket.gradients())
+        buffer = bucket.buffer()
+        if bucket.is_last():  # every bucket's hook has run: append the local norms
+            small = torch.cat([self._small.pop(i) for i in sorted(self._small)])
+            buffer = torch.cat([buffer, small.to(buffer.dtype)])
+            self._carrier = (buffer, bucket.buffer().numel())
+        future = dist.all_reduce(buffer.div_(self.world_size), group=self.group, async_op=True)
+        size = bucket.buffer().numel()
+        return future.get_future().then(lambda fut: fut.value()[0][:size])
 
     def record(self, *, local_batch_size: int) -> TwoBatchNorms:
-        """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step."""
-        if self._small_reduced is None or not self._big:
+        """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step.
+
+        Call it right after ``backward()``, before the gradients are clipped or zeroed: the
+        big-batch norms are read from the reduced ``param.grad``.
+        """
+        if self._carrier is None:
             raise NotReadyError(
                 explain(
                     "NoiseScaleHook.record",
@@ -151,20 +153,20 @@ class NoiseScaleHook:
                     fix="call record() once per step, after loss.backward() outside no_sync()",
                 )
             )
+        carrier, size = self._carrier  # reduced with the last bucket, inside backward
+        small = carrier[size:].to(torch.float64)  # already the mean over ranks
+        params = [item for i in sorted(self._buckets) for item in self._buckets[i]]
+        names = [name for name, _ in params]
+        big = self._sq_norms(names, [param.grad for _, param in params])
         b = float(local_batch_size)
         factor = b * b if self.loss_reduction == "sum" else 1.0
-        small = self._small_reduced / (self.world_size * factor)
-        big = torch.cat([self._big[i] for i in sorted(self._big)]) / factor
-        position = {
-            n: i for i, n in enumerate(n for k in sorted(self._order) for n in self._order[k])
-        }
+        small, big = small / factor, big / factor
+        position = {name: i for i, name in enumerate(names)}
         order = [n for n in self._names.values() if n in position]  # the module's order
         self._clear()
+        small_norms = {n: small[position[n]] for n in order}
         return TwoBatchNorms(
-            {n: small[position[n]] for n in order},
-            b,
-            {n: big[position[n]] for n in order},
-            b * self.world_size,
+            small_norms, b, {n: big[position[n]] for n in order}, b * self.world_size
         )
 
 
@@ -186,6 +188,16 @@ def _check_ddp(ddp_model: nn.Module, loss_reduction: str) -> None:
                 got=type(ddp_model).__name__,
                 fix="wrap the model in DistributedDataParallel first (single process: use "
                 "GradStats or MicroBatchNorms)",
+            )
+        )
+    low = sorted({str(p.dtype) for p in ddp_model.parameters() if p.dtype == torch.float16})
+    if low:
+        raise GradNoiseError(
+            explain(
+                "NoiseScaleHook",
+                expected="float32, float64 or bfloat16 gradients",
+                got=f"parameters of dtype {low[0]}",
+                fix="keep fp32 master parameters (torch.autocast) or use bfloat16",
             )
         )
     if dist.get_world_size(ddp_model.process_group) < 2:
