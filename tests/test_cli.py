@@ -1,13 +1,15 @@
 import json
-import subprocess
+import runpy
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from gradnoise.cli import DEFAULTS, main
 from gradnoise.monitor.records import read_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "4", "--every", "2", "--batch-size", "4", "--no-console"]
 
 FACTORIES = textwrap.dedent("""
@@ -19,7 +21,8 @@ FACTORIES = textwrap.dedent("""
     def _batches(batch_size):
         g = torch.Generator().manual_seed(0)
         while True:
-            yield torch.randn(batch_size, 6, generator=g), torch.randint(0, 2, (batch_size,), generator=g)
+            x = torch.randn(batch_size, 6, generator=g)
+            yield x, torch.randint(0, 2, (batch_size,), generator=g)
 
     def good(batch_size):
         return nn.Linear(6, 2), _batches(batch_size), lambda m, b: F.cross_entropy(m(b[0]), b[1])
@@ -45,8 +48,13 @@ def _error(capsys) -> str:
 
 
 def test_defaults_are_the_documented_ones():
-    assert DEFAULTS == {"workload": "charlm", "steps": 1000, "batch_size": 32, "every": 40,
-                        "out": "gradnoise-profile"}
+    assert DEFAULTS == {
+        "workload": "charlm",
+        "steps": 600,
+        "batch_size": 32,
+        "every": 30,
+        "out": "gradnoise-profile",
+    }
 
 
 def test_profile_default_workload_short_run_writes_everything(tmp_path, capsys):
@@ -69,13 +77,17 @@ def test_profile_a_user_factory(factories, capsys):
     assert read_metrics(factories / "run").run["workload"] == "my_factories:good"
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("my_factories:listed", "got a return value of type list. Return (model: nn.Module"),
-    ("my_factories:wrong_model", "got a return value of type (str, generator, function)"),
-    ("my_factories", "got no ':' between module and function"),
-    ("no_such_module_xyz:make", "got a module that cannot be imported"),
-    ("my_factories:absent", "got no function 'absent' in module 'my_factories'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("my_factories:listed", "got a return value of type list. Return (model: nn.Module"),
+        ("my_factories:wrong_model", "got a return value of type (str, generator, function)"),
+        ("my_factories", "got no ':' between module and function"),
+        ("no_such_module_xyz:make", "got a module that cannot be imported"),
+        ("missing/file.py:make", "got a module that cannot be imported"),
+        ("my_factories:absent", "got no function 'absent' in module 'my_factories'"),
+    ],
+)
 def test_bad_factories_get_a_clear_error(factories, capsys, spec, message):
     assert main(["profile", "--model", spec, "--out", "run", *TINY]) == 2
     err = _error(capsys)
@@ -99,7 +111,10 @@ def test_out_that_is_a_file(tmp_path, capsys):
 
 def test_fewer_steps_than_every(tmp_path, capsys):
     assert main(["profile", "--steps", "3", "--every", "5", "--out", str(tmp_path / "o")]) == 2
-    assert "--steps: expected an int >= --every (5), so at least one step is measured, got 3" in _error(capsys)
+    assert (
+        "--steps: expected an int >= --every (5), so at least one step is measured, got 3"
+        in _error(capsys)
+    )
 
 
 def test_report_rerenders_and_counts_a_corrupt_line(tmp_path, capsys):
@@ -116,11 +131,31 @@ def test_report_rerenders_and_counts_a_corrupt_line(tmp_path, capsys):
 
 def test_report_on_a_directory_without_metrics(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "expected a directory that holds metrics.jsonl, got a directory without it" in _error(capsys)
+    assert "expected a directory that holds metrics.jsonl, got a directory without it" in _error(
+        capsys
+    )
 
 
-def test_python_dash_m_runs_the_cli(tmp_path):
+def test_python_dash_m_runs_the_cli(tmp_path, monkeypatch, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "run"}) + "\n")
-    result = subprocess.run([sys.executable, "-m", "gradnoise", "report", str(tmp_path)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "expected at least one step record" in result.stderr
+    monkeypatch.setattr(sys, "argv", ["gradnoise", "report", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("gradnoise", run_name="__main__")
+    assert exit_info.value.code == 2 and "expected at least one step record" in _error(capsys)
+
+
+def test_the_example_factory_profiles(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "factory"
+    assert (
+        main(["profile", "--model", "examples/profile_factory.py:make", "--out", str(out), *TINY])
+        == 0
+    )
+    assert len(read_metrics(out).steps) == 2
+
+
+def test_the_monitor_loop_example_runs(tmp_path, monkeypatch, capsys):
+    script = ROOT / "examples" / "profile_loop.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "B_simple ~" in capsys.readouterr().out and (tmp_path / "report.html").is_file()

@@ -24,7 +24,8 @@ def _train(monitor, model, x, y, steps, losses=None):
     for i in range(steps):
         with monitor.step() as step:
             loss = F.cross_entropy(model(x), y) * (1 if losses is None else 0) + (
-                0 if losses is None else losses[i])
+                0 if losses is None else losses[i]
+            )
             if losses is None:
                 loss.backward()
             step.loss = loss
@@ -113,8 +114,11 @@ def test_an_out_path_that_is_a_file_is_refused_before_anything_is_written(tmp_pa
     target = tmp_path / "taken"
     target.write_text("keep me")
     model, _, _ = _problem()
-    with pytest.raises(GradNoiseError, match=r"output directory: expected a directory .* which is "
-                       r"a file\. Pass a directory path"):
+    with pytest.raises(
+        GradNoiseError,
+        match=r"output directory: expected a directory .* which is "
+        r"a file\. Pass a directory path",
+    ):
         Monitor(model, out=target)
     assert target.read_text() == "keep me"
 
@@ -127,7 +131,9 @@ def test_every_must_be_a_positive_int(every):
 
 
 def test_model_must_be_a_module():
-    with pytest.raises(GradNoiseError, match=r"Monitor\(model\): expected a torch.nn.Module, got list"):
+    with pytest.raises(
+        GradNoiseError, match=r"Monitor\(model\): expected a torch.nn.Module, got list"
+    ):
         Monitor([torch.zeros(1)])
 
 

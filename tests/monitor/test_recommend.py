@@ -6,11 +6,14 @@ from gradnoise.monitor.recommend import batch_advice, layer_advice, overhead_tex
 READING = {"b_simple": 100.0, "ci_low": 60.0, "ci_high": 180.0}
 
 
-@pytest.mark.parametrize(("batch", "phrase"), [
-    (8, "is below the measured noise scale, B_simple ~ 100 (90% band 60 to 180)"),
-    (128, "is within the band of the measured noise scale"),
-    (512, "is above the measured noise scale"),
-])
+@pytest.mark.parametrize(
+    ("batch", "phrase"),
+    [
+        (8, "is below the measured noise scale, B_simple ~ 100 (90% band 60 to 180)"),
+        (128, "is within the band of the measured noise scale"),
+        (512, "is above the measured noise scale"),
+    ],
+)
 def test_batch_advice_places_the_batch_against_the_band(batch, phrase):
     assert phrase in batch_advice(batch, READING)
 
@@ -33,11 +36,19 @@ def test_layer_advice_names_lowest_and_highest():
 
 
 def test_overhead_text_quotes_the_measured_figures():
-    run = {"overhead_fraction": 0.0234, "measured_steps": 25, "every": 40,
-           "measured_step_ratio": 1.5, "plain_step_median": 0.04, "monitor_seconds": 0.8,
-           "train_seconds": 60.0}
-    assert overhead_text(run).startswith("Profiling cost 2.3% of the training time: 25 measured "
-                                         "steps (one in 40) took 1.50x the median plain step (40.0 ms)")
+    run = {
+        "overhead_fraction": 0.0234,
+        "measured_steps": 25,
+        "every": 40,
+        "measured_step_ratio": 1.5,
+        "plain_step_median": 0.04,
+        "monitor_seconds": 0.8,
+        "train_seconds": 60.0,
+    }
+    assert overhead_text(run).startswith(
+        "Profiling cost 2.3% of the training time: 25 measured "
+        "steps (one in 40) took 1.50x the median plain step (40.0 ms)"
+    )
     assert "not measured" in overhead_text({"overhead_fraction": None})
 
 

@@ -9,10 +9,21 @@ from gradnoise.monitor.report import write_report
 
 
 def _step(step, **extra):
-    record = {"kind": "step", "step": step, "time": 0.1 * step, "loss": 2.0 - 0.1 * step,
-              "batch_size": 8, "b_simple": 10.0 + step, "ci_low": 11.0, "ci_high": math.inf,
-              "b_batch": 9.0, "trace_sigma": 1.0, "grad_sq_norm": 0.1,
-              "gsnr": {"w": 0.1, "b": 2.0}, "example_norms": [1.0, 2.0, 3.0]}
+    record = {
+        "kind": "step",
+        "step": step,
+        "time": 0.1 * step,
+        "loss": 2.0 - 0.1 * step,
+        "batch_size": 8,
+        "b_simple": 10.0 + step,
+        "ci_low": 11.0,
+        "ci_high": math.inf,
+        "b_batch": 9.0,
+        "trace_sigma": 1.0,
+        "grad_sq_norm": 0.1,
+        "gsnr": {"w": 0.1, "b": 2.0},
+        "example_norms": [1.0, 2.0, 3.0],
+    }
     return json.dumps(clean(record | extra))
 
 
@@ -23,12 +34,25 @@ def _write(directory, lines):
 
 
 def test_clean_turns_non_finite_floats_into_null_recursively():
-    assert clean({"a": math.nan, "b": [math.inf, 1.0], "c": "x"}) == {"a": None, "b": [None, 1.0], "c": "x"}
+    assert clean({"a": math.nan, "b": [math.inf, 1.0], "c": "x"}) == {
+        "a": None,
+        "b": [None, 1.0],
+        "c": "x",
+    }
 
 
 def test_corrupt_lines_are_skipped_and_counted_and_the_rest_is_kept(tmp_path):
-    lines = [_step(1), "{not json", '["a list"]', '{"kind": "step", "step": "x"}', "",
-             '{"kind": "other"}', _step(2), '{"kind": "run", "every": 1}', _step(3)[:20]]
+    lines = [
+        _step(1),
+        "{not json",
+        '["a list"]',
+        '{"kind": "step", "step": "x"}',
+        "",
+        '{"kind": "other"}',
+        _step(2),
+        '{"kind": "run", "every": 1}',
+        _step(3)[:20],
+    ]
     metrics = read_metrics(_write(tmp_path / "m", lines))
     assert [r["step"] for r in metrics.steps] == [1, 2]
     assert metrics.skipped == 5 and metrics.run == {"kind": "run", "every": 1}
@@ -43,8 +67,11 @@ def test_report_rerenders_and_mentions_skipped_lines(tmp_path):
 
 
 def test_a_directory_without_metrics_is_refused(tmp_path):
-    with pytest.raises(GradNoiseError, match=r"report .*: expected a directory that holds "
-                       r"metrics.jsonl, got a directory without it\. Pass the --out"):
+    with pytest.raises(
+        GradNoiseError,
+        match=r"report .*: expected a directory that holds "
+        r"metrics.jsonl, got a directory without it\. Pass the --out",
+    ):
         read_metrics(tmp_path)
 
 
@@ -55,6 +82,9 @@ def test_a_missing_directory_is_refused(tmp_path):
 
 def test_metrics_without_any_step_record_are_refused(tmp_path):
     directory = _write(tmp_path / "m", ["oops", '{"kind": "run"}'])
-    with pytest.raises(GradNoiseError, match=r"expected at least one step record in metrics.jsonl, "
-                       r"got none \(1 unreadable lines\)\. Run more steps than --every"):
+    with pytest.raises(
+        GradNoiseError,
+        match=r"expected at least one step record in metrics.jsonl, "
+        r"got none \(1 unreadable lines\)\. Run more steps than --every",
+    ):
         read_metrics(directory)

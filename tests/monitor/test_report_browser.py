@@ -22,18 +22,32 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium not installed: apt-get install -y chromium (CI installs it)"
 )
-PROBE = ('<script>window.addEventListener("load", () => { const imgs = [...document.images];'
-         ' const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;'
-         ' document.body.setAttribute("data-probe", `images=${imgs.length} broken=${broken}`);'
-         " });</script>")
+PROBE = (
+    '<script>window.addEventListener("load", () => { const imgs = [...document.images];'
+    " const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;"
+    ' document.body.setAttribute("data-probe", `images=${imgs.length} broken=${broken}`);'
+    " });</script>"
+)
 
 
 def _chromium(tmp_path, url, *extra):
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr",
-               "--v=0", "--virtual-time-budget=5000", *extra, url]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        *extra,
+        url,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -77,7 +91,9 @@ def test_report_screenshot_shows_a_rendered_page(tmp_path, report):
 
 def test_the_checker_sees_broken_images_and_console_errors(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'
-                    '<img src="missing.png"><script>console.error("boom")</script></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA">'
+        '<img src="missing.png"><script>console.error("boom")</script></body></html>'
+    )
     images, broken, console = inspect(tmp_path, page)
     assert (images, broken) == (2, 2) and any('"boom"' in line for line in console)

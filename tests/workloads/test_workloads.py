@@ -48,7 +48,7 @@ def test_images_are_learnable_in_a_few_hundred_steps():
     workload = get_workload("images", batch_size=32)
     optimizer = torch.optim.Adam(workload.model.parameters(), lr=workload.lr)
     losses = []
-    for _, batch in zip(range(200), workload.batches):
+    for _, batch in zip(range(200), workload.batches, strict=False):
         loss = workload.loss(workload.model, batch)
         loss.backward()
         optimizer.step()
@@ -64,7 +64,9 @@ def test_digit_images_have_ink_where_the_glyph_is():
 
 
 def test_unknown_workload_names_the_choices():
-    with pytest.raises(GradNoiseError, match=r"workload: expected one of 'charlm', 'images', got 'mnist'"):
+    with pytest.raises(
+        GradNoiseError, match=r"workload: expected one of 'charlm', 'images', got 'mnist'"
+    ):
         get_workload("mnist")
 
 

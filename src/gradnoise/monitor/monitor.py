@@ -2,7 +2,7 @@
 
 Example::
 
-    with Monitor(model, out="runs/demo", every=25) as monitor:
+    with Monitor(model, out="runs/demo", every=40) as monitor:
         for batch in batches:
             with monitor.step() as step:
                 loss = loss_fn(model, batch)     # mean over the batch
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.monitor.checks import check_every, check_out_dir
 from gradnoise.monitor.console import ConsoleView
 from gradnoise.monitor.noise import NoiseScale
 from gradnoise.monitor.records import step_record
@@ -33,7 +34,7 @@ from gradnoise.monitor.sinks import Sink, make_sinks
 from gradnoise.monitor.timing import overhead_summary
 from gradnoise.stats.engine import GradStats
 
-__all__ = ["Monitor", "StepHandle", "check_out_dir"]
+__all__ = ["Monitor", "StepHandle"]
 
 
 @dataclass
@@ -41,34 +42,6 @@ class StepHandle:
     """What ``with monitor.step() as step`` yields; set ``step.loss`` to log the loss."""
 
     loss: torch.Tensor | float | None = None
-
-
-def check_out_dir(out: str | Path) -> Path:
-    """``out`` as a Path, created if missing; refuses an existing file."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise GradNoiseError(
-            explain(
-                "output directory",
-                expected="a directory (existing or new)",
-                got=f"{str(path)!r}, which is a file",
-                fix="pass a directory path with --out / out=, or remove the file",
-            )
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _check_every(every: int) -> None:
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise GradNoiseError(
-            explain(
-                "every",
-                expected="an int >= 1 (measure one step in `every`)",
-                got=repr(every),
-                fix="pass every=25 (the default) or another positive int",
-            )
-        )
 
 
 class Monitor:
@@ -91,7 +64,7 @@ class Monitor:
         model: nn.Module,
         *,
         out: str | Path | None = None,
-        every: int = 25,
+        every: int = 40,
         console: bool = False,
         total_steps: int | None = None,
         tensorboard: bool = True,
@@ -99,7 +72,7 @@ class Monitor:
         beta: float = 0.9,
         report: bool = True,
     ) -> None:
-        _check_every(every)
+        check_every(every)
         if not isinstance(model, nn.Module):
             raise GradNoiseError(
                 explain(

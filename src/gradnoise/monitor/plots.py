@@ -1,6 +1,7 @@
 """The report's figures, drawn with matplotlib's Agg backend into PNG files.
 
-* ``noise_scale.png``: the running B_simple with its band, each batch's own estimate, the batch size.
+* ``noise_scale.png``: the running B_simple with its band, each batch's own estimate and the
+  batch size.
 * ``gsnr.png``: per-layer GSNR averaged over the second half of training, lowest first.
 * ``norms.png``: the distribution of per-example gradient norms, early versus late in training.
 * ``loss.png``: the training loss at the measured steps.
@@ -14,7 +15,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = ["late_gsnr", "write_plots"]
 

@@ -1,6 +1,7 @@
 """``gradnoise profile``: train a workload with a Monitor and write the report.
 
-A user's own model comes from a factory named ``MODULE:FACTORY``. The factory is called as
+A user's own model comes from a factory named ``MODULE:FACTORY`` (a module importable from the
+current directory, or a path to a ``.py`` file: ``path/to/file.py:make``). The factory is called as
 ``factory(batch_size=B)`` and returns either a :class:`gradnoise.workloads.Workload` or a tuple
 ``(model, batches, loss_fn)``: an ``nn.Module``, an iterable of batches (tuples of tensors with
 the examples on dim 0) and ``loss_fn(model, batch)`` returning the mean loss over the batch.
@@ -9,6 +10,7 @@ the examples on dim 0) and ``loss_fn(model, batch)`` returning the mean loss ove
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.monitor.monitor import Monitor, check_out_dir
+from gradnoise.monitor.checks import check_out_dir
+from gradnoise.monitor.monitor import Monitor
 from gradnoise.workloads import Workload
 
 __all__ = ["as_workload", "load_factory", "run_profile"]
@@ -34,6 +37,17 @@ def _factory_error(spec: str, got: str, fix: str) -> GradNoiseError:
     )
 
 
+def _import(module_name: str):
+    if not module_name.endswith(".py"):
+        return importlib.import_module(module_name)
+    spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+    if spec is None:
+        raise ImportError(f"not a Python file: {module_name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_factory(spec: str):
     """Import ``MODULE:FACTORY`` and return the callable."""
     module_name, _, attr = spec.partition(":")
@@ -44,8 +58,8 @@ def load_factory(spec: str):
             "write it as my_package.my_module:make_workload",
         )
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+        module = _import(module_name)
+    except (ImportError, FileNotFoundError) as exc:
         raise _factory_error(
             spec,
             f"a module that cannot be imported ({exc})",
@@ -125,7 +139,7 @@ def run_profile(
 
 
 def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> None:
-    for _, batch in zip(range(steps), workload.batches):
+    for _, batch in zip(range(steps), workload.batches, strict=False):
         with monitor.step() as step:
             loss = workload.loss(workload.model, batch)
             loss.backward()

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.quantities import layer_gsnr
 
-__all__ = ["METRICS_FILE", "Metrics", "clean", "read_metrics", "step_record"]
+__all__ = ["METRICS_FILE", "Metrics", "clean", "read_metrics", "step_record", "write_line"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -128,8 +126,3 @@ def write_line(handle, record: dict) -> None:
     """Append one record as a JSON line and flush, so a crash loses at most the current line."""
     handle.write(json.dumps(clean(record), allow_nan=False) + "\n")
     handle.flush()
-
-
-def to_float(value: torch.Tensor | float | None) -> float:
-    """A float from a tensor, number or None (NaN)."""
-    return math.nan if value is None else float(value)

@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (plots embedded as base64 PNGs) rendered from metrics.jsonl."""
+"""report.html: one self-contained page (plots embedded as base64 PNGs) from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def _coverage(run: dict | None) -> str:
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
         for k, v in coverage.items()
     )
-    return f"<details><summary>Coverage ({len(coverage)} parameters)</summary><table>{rows}</table></details>"
+    summary = f"<summary>Coverage ({len(coverage)} parameters)</summary>"
+    return f"<details>{summary}<table>{rows}</table></details>"
 
 
 def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:

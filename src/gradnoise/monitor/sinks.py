@@ -40,7 +40,7 @@ def tensorboard_available() -> bool:
 
 
 class TensorBoardSink:
-    """Scalars (loss, noise scale and its band, per-layer GSNR) and the per-example norm histogram."""
+    """Scalars (loss, noise scale and band, per-layer GSNR) and the per-example norm histogram."""
 
     def __init__(self, directory: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
