@@ -8,9 +8,9 @@ from torch import nn
 from gradnoise.errors import GradNoiseError
 from gradnoise.monitor import Monitor, read_metrics
 from gradnoise.monitor.noise import NoiseScale
+from gradnoise.monitor.records import clean
 from gradnoise.monitor.sinks import tensorboard_available
 from gradnoise.monitor.timing import overhead_summary
-from gradnoise.stats.moments import GradMoments
 
 
 def _problem(seed=0):
@@ -156,15 +156,21 @@ def test_overhead_is_measured_steps_minus_the_median_plain_step_plus_monitor_tim
     assert overhead_summary([], [1.0], 0.0, 1.0)["overhead_fraction"] is None
 
 
-def test_running_noise_scale_is_a_ratio_of_averages_with_a_band():
-    noise = NoiseScale(beta=0.5)
-    for grads in ([[1.0, 0.0], [3.0, 0.0]], [[2.0, 1.0], [2.0, -1.0]]):
-        noise.update(GradMoments.from_per_example(torch.tensor(grads)))
-    reading = noise.estimate()
-    # per step: tr Sigma = 2, 2 ; |G|^2 = 4 - 1 = 3, 4 - 1 = 3  ->  B_simple = 2/3
-    assert reading.defined and reading.steps == 2
-    assert reading.b_simple == pytest.approx(2 / 3)
-    assert reading.ci_low <= reading.b_simple <= reading.ci_high
-    clone = NoiseScale(beta=0.5)
-    clone.load_state_dict(noise.state_dict())
-    assert clone.estimate().b_simple == pytest.approx(reading.b_simple)
+def test_the_running_reading_is_the_noise_scale_of_the_measured_steps():
+    from gradnoise import GradStats
+
+    model, x, y = _problem()
+    monitor = Monitor(model, every=1, beta=0.9)
+    reference = NoiseScale(beta=0.9)
+    for scale in (1.0, 0.5, 2.0):
+        with monitor.step():
+            (scale * F.cross_entropy(model(x), y)).backward()
+        with GradStats(model) as stats:
+            (scale * F.cross_entropy(model(x), y)).backward()
+        reference.update(stats)
+    expected = reference.estimate()
+    record = monitor.records[-1]
+    assert record["b_simple"] == pytest.approx(expected.b_simple, rel=1e-5)
+    assert record["ci_low"] == pytest.approx(expected.ci_low, rel=1e-5)
+    layers = {k: v for k, v in expected.per_layer.items() if math.isfinite(v)}
+    assert record["layer_noise_scale"] == pytest.approx(clean(expected.per_layer) | layers)
