@@ -1,0 +1,27 @@
+"""The optim/control examples run and print what they promise."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [("optim_adaptive_batch.py", "next batch"), ("optim_mars.py", "noise_adaptive: loss")],
+)
+def test_example_runs(script, expected):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    assert expected in result.stdout
