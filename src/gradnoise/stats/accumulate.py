@@ -62,15 +62,15 @@ class Accumulator:
 
 
 def check_residual(
-    name: str, residual_sq: torch.Tensor, total_sq: torch.Tensor, acc: Accumulator | None
+    name: str, residual_sq: float, total_sq: float, dtype: torch.dtype, acc: Accumulator | None
 ) -> None:
     """Raise if autograd's gradient differs from the sum of the measured per-example gradients.
 
     Compares squared norms: ``||grad - measured||^2 <= tol^2 ||grad||^2`` with ``tol`` 1e-3 in
     float32 (the rules sum in another order than autograd) and 1e-8 in float64.
     """
-    tolerance = 1e-8 if total_sq.dtype == torch.float64 else 1e-3
-    residual, total = float(residual_sq) ** 0.5, float(total_sq) ** 0.5
+    tolerance = 1e-8 if dtype == torch.float64 else 1e-3
+    residual, total = residual_sq**0.5, total_sq**0.5
     if residual <= tolerance * max(total, 1e-30):
         return
     where = "no measured layer" if acc is None else "layers gradnoise measures only in part"

@@ -379,11 +379,20 @@ class GradStats:
         """The accumulators of measured parameters, after the readiness and residual checks."""
         if not self._checked:
             self._check_ready()
-            for name, residual in self._residuals.items():
-                if residual is not None:
-                    check_residual(name, *residual, self._acc.get(name))
+            self._check_residuals()
             self._checked = True
         return {name: self._acc[name] for name in self._plan.params if name in self._acc}
+
+    def _check_residuals(self) -> None:
+        """Raise for any parameter whose gradient is not the sum of the measured ones (one sync)."""
+        pending = {name: r for name, r in self._residuals.items() if r is not None}
+        if not pending:
+            return
+        stacked = torch.stack([torch.stack(r).double() for r in pending.values()]).tolist()
+        for (name, (_, total)), (residual_sq, total_sq) in zip(
+            pending.items(), stacked, strict=True
+        ):
+            check_residual(name, residual_sq, total_sq, total.dtype, self._acc.get(name))
 
     def _check_ready(self) -> None:
         if not self._residuals and not self._acc:
