@@ -39,7 +39,11 @@ def make_allocator(name: str, pool: int, prompts: int, group: int, seed: int):
     common = dict(seed=seed)
     table = {
         "uniform": lambda: allocators.Uniform(pool, prompts, **common),
-        "dapo": lambda: adaptive.DynamicSampling(pool, prompts, group_size=group, **common),
+        # DAPO over-samples to fill its batch: aim at 3/4 of the prompts so that, at equal
+        # budget, it can replace up to a quarter of the groups that come back without signal
+        "dapo": lambda: adaptive.DynamicSampling(
+            pool, prompts * 3 // 4, group_size=group, **common
+        ),
         "gvm": lambda: adaptive.GVM(pool, prompts, max_samples=4 * group, **common),
         "ada": lambda: adaptive.ReinforceAda(pool, prompts, target=group, **common),
         "ada_balanced": lambda: adaptive.ReinforceAda(
@@ -76,8 +80,9 @@ def pg_loss(policy, prompts, completions, coef):
     return -(coef * tok.sum(-1)).sum()
 
 
-def rollout_variance(policy, prompts, completions, coef) -> float:
-    """Trace of the covariance of per-rollout gradient terms ``N coef_i grad sum_t log pi``."""
+def rollout_variance(policy, prompts, completions, coef) -> tuple[float, float]:
+    """Trace of the covariance of per-rollout gradient terms ``N coef_i grad sum_t log pi``, and
+    the same divided by the squared norm of their mean (scale-free: advantages differ in scale)."""
     params = {k: v.detach() for k, v in policy.named_parameters()}
 
     def one(p, x, y, c):
@@ -86,7 +91,8 @@ def rollout_variance(policy, prompts, completions, coef) -> float:
     n = len(coef)
     per = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, prompts, completions, coef * n)
     moments = total_moments({k: GradMoments.from_per_example(v) for k, v in per.items()})
-    return float(trace_covariance(moments))
+    trace = float(trace_covariance(moments))
+    return trace, trace / max(float(moments.mean.pow(2).sum()), 1e-30)
 
 
 def evaluate(policy, data, used):
@@ -124,7 +130,8 @@ def run_config(cfg, base_policy, data, cands, args, seed):
             else torch.ones_like(adv).bool()
         )
         coef = torch.zeros_like(adv)
-        coef[keep] = aggregation_weights(lengths[keep], "token_mean").float() * adv[keep]
+        if keep.any():  # DAPO may drop every group of a step: then no update
+            coef[keep] = aggregation_weights(lengths[keep], "token_mean").float() * adv[keep]
         prompts = data["train"].prompts[ro.prompt_ids]
         if step % args.var_every == 0 and keep.sum() > 1:
             variance.append(rollout_variance(policy, prompts[keep], comps[keep], coef[keep]))
@@ -137,7 +144,10 @@ def run_config(cfg, base_policy, data, cands, args, seed):
     return {
         "curve": curve,
         "zero_variance_fraction": statistics.fmean(zero_frac),
-        "variance_per_rollout": statistics.median(variance) if variance else None,
+        "variance_per_rollout": statistics.median(v[0] for v in variance) if variance else None,
+        "relative_variance_per_rollout": (
+            statistics.median(v[1] for v in variance) if variance else None
+        ),
     }
 
 
@@ -175,6 +185,7 @@ def summarise(results, configs):
             "rollouts_to_uniform_final_fraction": frac,
             "zero_variance_fraction": [r["zero_variance_fraction"] for r in runs],
             "variance_per_rollout": [r["variance_per_rollout"] for r in runs],
+            "relative_variance_per_rollout": [r["relative_variance_per_rollout"] for r in runs],
         }
     base = statistics.median(out["uniform+grpo"]["zero_variance_fraction"])
     for s in out.values():
@@ -197,13 +208,15 @@ def plot(results, summary, path):
         ys = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(xs))]
         axes[0].plot(xs, ys, label=cfg, lw=2.5 if cfg == "uniform+grpo" else 1.2)
         axes[1].bar(cfg, statistics.median(s["zero_variance_fraction"]))
-        var = [v for v in s["variance_per_rollout"] if v is not None]
+        var = [v for v in s["relative_variance_per_rollout"] if v is not None]
         axes[2].bar(cfg, statistics.median(var) if var else 0)
     axes[0].axhline(summary["uniform_grpo_final_accuracy"], color="k", ls=":")
-    axes[0].set(xlabel="rollouts (first seed's x)", ylabel="greedy test accuracy (seed mean)")
+    axes[0].set(
+        xlabel="rollouts (first seed's x)", ylabel="greedy accuracy, RL prompt pool (seed mean)"
+    )
     axes[0].legend(fontsize=7)
     axes[1].set(ylabel="fraction of zero-variance groups (median)")
-    axes[2].set(ylabel="tr Cov per-rollout PG term (median)", yscale="log")
+    axes[2].set(ylabel="tr Cov / ||mean||^2, per-rollout PG term (median)", yscale="log")
     for ax in axes[1:]:
         ax.tick_params(axis="x", rotation=75, labelsize=7)
     fig.tight_layout()
