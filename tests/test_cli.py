@@ -50,9 +50,9 @@ def _error(capsys) -> str:
 def test_defaults_are_the_documented_ones():
     assert DEFAULTS == {
         "workload": "charlm",
-        "steps": 600,
+        "steps": 800,
         "batch_size": 32,
-        "every": 30,
+        "every": 40,
         "out": "gradnoise-profile",
     }
 

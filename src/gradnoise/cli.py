@@ -25,9 +25,9 @@ __all__ = ["build_parser", "main"]
 
 DEFAULTS = {
     "workload": "charlm",
-    "steps": 600,
+    "steps": 800,
     "batch_size": 32,
-    "every": 30,
+    "every": 40,
     "out": "gradnoise-profile",
 }
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--every",
         type=int,
         default=DEFAULTS["every"],
-        help="measure one step in EVERY (default 30)",
+        help="measure one step in EVERY (default 40)",
     )
     profile.add_argument("--out", default=DEFAULTS["out"], help="output directory")
     profile.add_argument("--seed", type=int, default=0)
