@@ -7,12 +7,19 @@ from gradnoise.stats.moments import GradMoments
 from gradnoise.testing.problems import LinearGaussian
 
 
-def per_example_grads(problem: LinearGaussian, steps: int, batch: int, seed: int) -> torch.Tensor:
-    """``(steps, batch, dim)`` per-example gradients g = x (x^T delta - eps), seeded."""
+def per_example_grads(
+    problem: LinearGaussian, steps: int, batch: int, seed: int, delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(steps, batch, dim)`` per-example gradients g = x (x^T delta - eps), seeded.
+
+    ``delta`` defaults to the problem's; any delta keeps G = delta and
+    Sigma = delta delta^T + (|delta|^2 + sigma^2) I (Isserlis).
+    """
+    delta = problem.delta if delta is None else delta
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(steps, batch, problem.dim, generator=gen, dtype=problem.dtype)
     eps = problem.sigma * torch.randn(steps, batch, 1, generator=gen, dtype=problem.dtype)
-    return x * (x @ problem.delta.unsqueeze(1) - eps)
+    return x * (x @ delta.unsqueeze(1) - eps)
 
 
 def step_moments(grads: torch.Tensor) -> list[GradMoments]:

@@ -24,6 +24,12 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
+def fixed_scales() -> dict[str, torch.Tensor]:
+    """A deterministic diagonal preconditioner, p in [1, 2)."""
+    params = make_model().named_parameters()
+    return {n: 1 + torch.arange(p.numel()).reshape(p.shape).double() / p.numel() for n, p in params}
+
+
 def make_data():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(STEPS, WORLD, LOCAL_BATCH, 6, generator=gen, dtype=torch.float64)
@@ -49,6 +55,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         single = nn.parallel.DistributedDataParallel(copy.deepcopy(model), process_group=solo)
         result["world_one"] = _error(lambda: NoiseScaleHook(single))
+        half = nn.parallel.DistributedDataParallel(make_model().half(), process_group=solo)
+        result["half"] = _error(lambda: NoiseScaleHook(half))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     noise, xs, ys = NoiseScale(window=STEPS), *make_data()
     result["records"], result["merged"] = [], []
@@ -64,6 +72,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
     result["reading"] = noise.estimate()
+    pre = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=1e-4)
+    pre_hook = NoiseScaleHook(pre, preconditioner=fixed_scales)
+    nn.functional.mse_loss(pre(xs[0, rank]), ys[0, rank]).backward()
+    result["preconditioned"] = pre_hook.record(local_batch_size=LOCAL_BATCH)
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -121,6 +133,23 @@ def test_ddp_hook_equals_single_process_two_batch_estimate(ddp_results, referenc
         assert ddp_reading.grad_sq_norm == pytest.approx(reading.grad_sq_norm, rel=1e-6)
 
 
+def test_preconditioned_hook_equals_preconditioned_accumulation(ddp_results):
+    model, (xs, ys) = make_model(), make_data()
+    with MicroBatchNorms(model, preconditioner=fixed_scales) as micro:
+        for rank in range(WORLD):
+            (nn.functional.mse_loss(model(xs[0, rank]), ys[0, rank]) / WORLD).backward()
+        ref = micro.record(micro_batch_size=LOCAL_BATCH)
+    plain = ddp_results[0]["records"][0]
+    for result in ddp_results:
+        got = result["preconditioned"]
+        for name, value in ref.small_sq_norms.items():
+            assert float(got.small_sq_norms[name]) == pytest.approx(float(value), rel=1e-9)
+            assert float(got.big_sq_norms[name]) == pytest.approx(
+                float(ref.big_sq_norms[name]), rel=1e-9
+            )
+            assert float(got.big_sq_norms[name]) != pytest.approx(float(plain.big_sq_norms[name]))
+
+
 def test_rank_merge_equals_one_big_batch(ddp_results, reference):
     _, moments, _ = reference
     for result in ddp_results:
@@ -135,6 +164,7 @@ def test_hook_errors(ddp_results):
     assert "NoiseScaleHook.record: expected a DDP backward pass" in ddp_results[0]["not_ready"]
     assert "expected a process group of at least 2 ranks" in ddp_results[0]["world_one"]
     assert "single process use GradStats or MicroBatchNorms" in ddp_results[0]["world_one"]
+    assert "got parameters of dtype torch.float16" in ddp_results[0]["half"]
 
 
 def test_hook_argument_errors_without_a_process_group():

@@ -13,12 +13,12 @@ appendix A.1):
     \text{big: } \|\bar g\|^2 \text{ at } B = W b,
 
 so :class:`NoiseScaleHook` needs no extra backward: inside DDP's backward it takes per-parameter
-squared norms of each bucket before its mean all-reduce, and appends those local norms (one float
-per parameter) to the last bucket, so they are averaged over ranks by the same collective: no
-extra all-reduce at all (k-diffusion's hook needs one more per step). :meth:`NoiseScaleHook.record`
-then reads the norms of the reduced ``param.grad`` and returns a :class:`TwoBatchNorms` for
+norms of each bucket before its mean all-reduce (one fused ``_foreach_norm``), and averages the
+squared local norms over ranks with one tiny extra all-reduce (one float per parameter) launched
+right after the last bucket's. :meth:`NoiseScaleHook.record` waits for that one, reads the norms
+of the reduced ``param.grad`` and returns a :class:`TwoBatchNorms` for
 :class:`gradnoise.stats.running.NoiseScale`; nothing syncs with the host. float16 gradients are
-refused (squared norms overflow its range); bfloat16 carries the norms to about 3 digits.
+refused (squared norms overflow its range).
 """
 
 from __future__ import annotations
@@ -111,32 +111,34 @@ class NoiseScaleHook:
 
     def _clear(self) -> None:
         self._buckets: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        self._small: dict[int, torch.Tensor] = {}
-        self._carrier: tuple[torch.Tensor, int] | None = None
+        self._norms: dict[int, list[torch.Tensor]] = {}
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._scales: Mapping[str, torch.Tensor] | None = None
 
-    def _sq_norms(self, names: list[str], grads: list[torch.Tensor]) -> torch.Tensor:
-        if self.preconditioner is not None and self._scales is None:
+    def _scaled(self, names: list[str], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.preconditioner is None:
+            return grads
+        if self._scales is None:
             self._scales = self.preconditioner() or {}  # read once per step
         scales = self._scales
-        if scales:
-            grads = [g * scales[n] if n in scales else g for n, g in zip(names, grads, strict=True)]
-        return torch.stack(torch._foreach_norm(grads)).to(torch.float64).pow(2)
+        return [g * scales[n] if n in scales else g for n, g in zip(names, grads, strict=True)]
 
     @staticmethod
     def _hook(self, bucket):  # no annotations: DDP checks them, and they are strings here
-        """Local norms, then DDP's mean all-reduce; the last bucket carries the norms along."""
+        """Local norms (one fused op), then DDP's mean all-reduce, as ``allreduce_hook`` does.
+
+        The hook runs on the backward thread, so it does as few Python-level ops as it can.
+        """
         params = [(self._names[id(p)], p) for p in bucket.parameters()]
         self._buckets[bucket.index()] = params
-        self._small[bucket.index()] = self._sq_norms([n for n, _ in params], bucket.gradients())
-        buffer = bucket.buffer()
-        if bucket.is_last():  # every bucket's hook has run: append the local norms
-            small = torch.cat([self._small.pop(i) for i in sorted(self._small)])
-            buffer = torch.cat([buffer, small.to(buffer.dtype)])
-            self._carrier = (buffer, bucket.buffer().numel())
-        future = dist.all_reduce(buffer.div_(self.world_size), group=self.group, async_op=True)
-        size = bucket.buffer().numel()
-        return future.get_future().then(lambda fut: fut.value()[0][:size])
+        grads = self._scaled([name for name, _ in params], bucket.gradients())
+        self._norms[bucket.index()] = torch._foreach_norm(grads)
+        buffer = bucket.buffer().div_(self.world_size)
+        future = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+        if bucket.is_last():  # every bucket's hook has run: average the local norms over ranks
+            norms = torch.stack([n for i in sorted(self._norms) for n in self._norms[i]])
+            self._pending = (dist.all_reduce(norms.pow_(2), group=self.group, async_op=True), norms)
+        return future.then(_value)
 
     def record(self, *, local_batch_size: int) -> TwoBatchNorms:
         """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step.
@@ -144,7 +146,7 @@ class NoiseScaleHook:
         Call it right after ``backward()``, before the gradients are clipped or zeroed: the
         big-batch norms are read from the reduced ``param.grad``.
         """
-        if self._carrier is None:
+        if self._pending is None:
             raise NotReadyError(
                 explain(
                     "NoiseScaleHook.record",
@@ -153,14 +155,15 @@ class NoiseScaleHook:
                     fix="call record() once per step, after loss.backward() outside no_sync()",
                 )
             )
-        carrier, size = self._carrier  # reduced with the last bucket, inside backward
-        small = carrier[size:].to(torch.float64)  # already the mean over ranks
+        work, small = self._pending
+        work.wait()  # launched with the last bucket, so long finished on a real model
         params = [item for i in sorted(self._buckets) for item in self._buckets[i]]
         names = [name for name, _ in params]
-        big = self._sq_norms(names, [param.grad for _, param in params])
+        big = torch.stack(torch._foreach_norm(self._scaled(names, [p.grad for _, p in params])))
         b = float(local_batch_size)
         factor = b * b if self.loss_reduction == "sum" else 1.0
-        small, big = small / factor, big / factor
+        small = small.to(torch.float64) / (self.world_size * factor)
+        big = big.to(torch.float64).pow(2) / factor
         position = {name: i for i, name in enumerate(names)}
         order = [n for n in self._names.values() if n in position]  # the module's order
         self._clear()
@@ -168,6 +171,10 @@ class NoiseScaleHook:
         return TwoBatchNorms(
             small_norms, b, {n: big[position[n]] for n in order}, b * self.world_size
         )
+
+
+def _value(future: torch.futures.Future) -> torch.Tensor:
+    return future.value()[0]
 
 
 def _check_ddp(ddp_model: nn.Module, loss_reduction: str) -> None:

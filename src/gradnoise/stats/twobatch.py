@@ -20,6 +20,7 @@ are the small batch and their mean is the big batch (``K b`` examples)::
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +87,17 @@ class MicroBatchNorms:
         model: the module being trained.
         loss_scale: the factor each micro-batch's mean loss was multiplied by before
             ``backward``; ``None`` means ``1/K`` for ``K`` micro-batches (the usual practice).
+        preconditioner: optional callable returning ``{name: p}``, read once per step; norms
+            are then of ``p * g`` (see :mod:`gradnoise.stats.preconditioned`).
     """
 
-    def __init__(self, model: nn.Module, *, loss_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_scale: float | None = None,
+        preconditioner: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
+    ) -> None:
         if loss_scale is not None and not loss_scale > 0:
             raise GradNoiseError(
                 explain(
@@ -100,12 +109,21 @@ class MicroBatchNorms:
             )
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.loss_scale = loss_scale
+        self.preconditioner = preconditioner
         self._handles: list = []
         self._clear()
 
     def _clear(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: Counter[str] = Counter()
+        self._scales: Mapping[str, torch.Tensor] | None = None
+
+    def _scaled(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if self.preconditioner is None:
+            return grad
+        if self._scales is None:
+            self._scales = self.preconditioner() or {}
+        return grad * self._scales[name] if name in self._scales else grad
 
     def __enter__(self) -> MicroBatchNorms:
         self._clear()
@@ -120,7 +138,7 @@ class MicroBatchNorms:
 
     def _hook(self, name: str):
         def hook(grad: torch.Tensor) -> None:
-            sq = grad.detach().pow(2).sum()
+            sq = self._scaled(name, grad.detach()).pow(2).sum()
             self._sums[name] = self._sums[name] + sq if name in self._sums else sq
             self._counts[name] += 1
 
@@ -141,6 +159,9 @@ class MicroBatchNorms:
         scale = self.loss_scale if self.loss_scale is not None else 1.0 / steps
         names = [n for n in self.params if self._counts[n] == steps]
         small = {n: self._sums[n] / (steps * scale**2) for n in names}
-        big = {n: self.params[n].grad.detach().pow(2).sum() / (scale * steps) ** 2 for n in names}
+        big = {
+            n: self._scaled(n, self.params[n].grad.detach()).pow(2).sum() / (scale * steps) ** 2
+            for n in names
+        }
         self._clear()
         return TwoBatchNorms(small, micro_batch_size, big, micro_batch_size * steps)
