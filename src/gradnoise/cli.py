@@ -81,7 +81,10 @@ def _profile(args: argparse.Namespace, console: Console) -> None:
     )
     console.print()
     console.print(overhead_text(run))
-    console.print(f"report: {run['report']}")
+    console.print(
+        f"report: {run['report']} (plots and page rendered in {run['report_seconds']:.1f} s "
+        "after training, not part of the overhead above)"
+    )
 
 
 def _report(args: argparse.Namespace, console: Console) -> None:

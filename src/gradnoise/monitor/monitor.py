@@ -198,7 +198,9 @@ class Monitor:
         if self.out is not None and self.report and self.records:
             from gradnoise.monitor.report import write_report
 
+            start = time.perf_counter()
             write_report(self.out)
+            run["report_seconds"] = time.perf_counter() - start
         return run
 
     def __enter__(self) -> Monitor:
