@@ -264,3 +264,8 @@ def test_one_gradstats_object_serves_many_steps():
         model.zero_grad(set_to_none=True)
     assert [r.shape for r in results] == [(4,), (5,)]
     assert _hooks_left(model) == 0
+
+
+def test_results_of_a_gradstats_that_was_never_entered():
+    with pytest.raises(NotReadyError, match="a GradStats that was never entered"):
+        GradStats(_mlp()).per_example_sq_norms()
