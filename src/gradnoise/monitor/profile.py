@@ -41,8 +41,6 @@ def _import(module_name: str):
     if not module_name.endswith(".py"):
         return importlib.import_module(module_name)
     spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-    if spec is None:
-        raise ImportError(f"not a Python file: {module_name}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
