@@ -128,6 +128,8 @@ def test_tracker_advantages_follow_the_spo_beta_tracker():
             "empty groups at positions \\[1\\]",
         ),
         (lambda: adv.dr_grpo_advantages(torch.zeros(0, 4)), "at least one sample per prompt"),
+        (lambda: adv.grpo_advantages(torch.zeros(0), []), "got no groups"),
+        (lambda: ValueTracker(3).values(torch.tensor([0.5])), "integer prompt ids"),
         (lambda: adv.grpo_advantages(torch.ones(3), [2, 2]), "flat rewards of length sum"),
         (lambda: adv.bnpo_advantages(torch.tensor([[2.0, 0.0]])), "declared range \\[0.0, 1.0\\]"),
         (lambda: adv.opo_advantages(torch.ones(2, 2), torch.ones(3)), "positive response lengths"),
