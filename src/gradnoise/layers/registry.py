@@ -58,20 +58,22 @@ class Pieces:
     method: str
 
 
-# Squared norms are summed in chunks of this many elements: one fused pass (no squared copy),
-# with float32 error ~1e-7 relative, where one long ``vector_norm`` reduction drifts to ~1e-5.
+# Rows longer than this are summed in chunks of SQ_NORM_CHUNK elements by ``vector_norm``: one
+# fused pass with float32 error ~1e-7 relative, where one long ``vector_norm`` reduction drifts to
+# ~1e-5. Shorter rows take ``vecdot`` (a product and a cascade sum): one kernel launch, as accurate.
 SQ_NORM_CHUNK = 1024
+SQ_NORM_SHORT = 65536
 
 
 def batched_sq_norms(tensor: torch.Tensor) -> torch.Tensor:
     """``(B,)`` squared norms of the rows of a ``(B, *shape)`` tensor, accurately summed."""
     flat = tensor.reshape(tensor.shape[0], -1)
     size = flat.shape[1]
+    if size <= SQ_NORM_SHORT:
+        return torch.linalg.vecdot(flat, flat)
     head = size - size % SQ_NORM_CHUNK
-    total = flat.new_zeros(flat.shape[0])
-    if head:
-        chunks = flat[:, :head].reshape(flat.shape[0], -1, SQ_NORM_CHUNK)
-        total = torch.linalg.vector_norm(chunks, dim=2).pow(2).sum(1)
+    chunks = flat[:, :head].reshape(flat.shape[0], -1, SQ_NORM_CHUNK)
+    total = torch.linalg.vector_norm(chunks, dim=2).pow(2).sum(1)
     if head < size:
         rest = flat[:, head:]
         total = total + torch.linalg.vecdot(rest, rest)
