@@ -72,7 +72,7 @@ class ScoreFunction:
     ) -> Estimate:
         dist, params = resolve(dist, "ScoreFunction")
         check_num_samples("ScoreFunction", num_samples, self.sampler.block)
-        x, values, s = self._draw(f, dist, params, num_samples, generator)
+        x, values, s = self.draw(f, dist, params, num_samples, generator=generator)
         baselines = self.baseline(values, s)
         terms = [_times(values, g) - b * g for g, b in zip(s, baselines, strict=True)]
         if self.control_variate is not None:
@@ -81,8 +81,8 @@ class ScoreFunction:
             terms = cv.correct(terms, controls, cv.mean_grads(dist, params))
         return finish(params, terms, block=self.sampler.block, num_evals=num_samples)
 
-    def _draw(self, f, dist, params, num_samples, generator):
-        """Samples, values and scores, drawn chunk by chunk (see :func:`chunk_sizes`)."""
+    def draw(self, f, dist, params, num_samples: int, *, generator=None):
+        """``(samples, f values (K,), scores [(K, *shape)])``, drawn chunk by chunk."""
         xs, values, s = [], [], []
         for size in chunk_sizes(num_samples, self.sampler.block):
             x = self.sampler.sample(dist, size, generator=generator, reparam=False).detach()
