@@ -52,12 +52,12 @@ def test_stats_fed_optimizers_need_moments_of_every_named_parameter(cls):
 
 @pytest.mark.parametrize("cls", [NoiseAdaptive, VRGD])
 def test_stats_fed_optimizers_need_named_parameters(cls):
-    opt = cls(_model().parameters(), lr=0.1)
     with pytest.raises(
         GradNoiseError,
-        match="got an optimizer without named parameters. Measure .* from model.named_parameters",
+        match=rf"{cls.__name__}\(params\): expected named parameters .*got parameters without "
+        r"names. Construct it with model.named_parameters\(\)",
     ):
-        opt.step(moments={})
+        cls(_model().parameters(), lr=0.1)
 
 
 def test_mars_correction_is_clipped_to_the_norm_bound():

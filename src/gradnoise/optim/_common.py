@@ -18,6 +18,7 @@ __all__ = [
     "named_groups",
     "named_records",
     "require_closure",
+    "require_names",
 ]
 
 
@@ -93,20 +94,33 @@ def adam_direction(
     return (state["exp_avg"] / bias1) / ((state["exp_avg_sq"] / bias2).sqrt() + eps)
 
 
+def require_names(opt: Optimizer, owner: str) -> None:
+    """Stats-fed optimizers match GradStats records by parameter name, so names are required."""
+    if not all("param_names" in group for group in opt.param_groups):
+        raise GradNoiseError(
+            explain(
+                f"{owner}(params)",
+                expected="named parameters (GradStats records are keyed by name)",
+                got="parameters without names",
+                fix="construct it with model.named_parameters()",
+            )
+        )
+
+
 def named_records(opt: Optimizer, moments: object, owner: str) -> dict:
     """``{name: GradMoments}`` for every named parameter of ``opt``, from GradStats or a dict."""
     if hasattr(moments, "moments") and callable(moments.moments):
         moments = moments.moments()
-    names = [n for g in opt.param_groups for n in g.get("param_names", [])]
+    names = [n for g in opt.param_groups for n in g["param_names"]]
     missing = [n for n in names if not isinstance(moments, dict) or n not in moments]
-    if missing or not names:
+    if missing:
         raise GradNoiseError(
             explain(
                 f"{owner}.step(moments=...)",
                 expected="GradStats or {name: GradMoments} covering every named parameter",
-                got=f"missing {missing[:3]}" if names else "an optimizer without named parameters",
-                fix="measure the backward with GradStats(model, elementwise=True) and build the "
-                "optimizer from model.named_parameters()",
+                got=f"missing {missing[:3]}",
+                fix="measure the backward with GradStats(model, elementwise=True) around the "
+                "same model the optimizer was built from",
             )
         )
     return moments

@@ -26,7 +26,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from gradnoise.optim._common import adam_direction, check, check_betas, named_groups, named_records
+from gradnoise.optim._common import (
+    adam_direction,
+    check,
+    check_betas,
+    named_groups,
+    named_records,
+    require_names,
+)
 from gradnoise.stats.quantities import trace_covariance
 
 __all__ = ["NoiseAdaptive", "noise_adaptive_step", "noise_gain"]
@@ -121,6 +128,7 @@ class NoiseAdaptive(Optimizer):
         super().__init__(
             params, {**defaults, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )
+        require_names(self, "NoiseAdaptive")
 
     @torch.no_grad()
     def step(self, closure=None, *, moments=None) -> None:  # type: ignore[override]

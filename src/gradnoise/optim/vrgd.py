@@ -20,7 +20,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from gradnoise.optim._common import adam_direction, check, check_betas, named_groups, named_records
+from gradnoise.optim._common import (
+    adam_direction,
+    check,
+    check_betas,
+    named_groups,
+    named_records,
+    require_names,
+)
 from gradnoise.stats.quantities import gsnr
 
 __all__ = ["VRGD", "vrgd_scale", "vrgd_step"]
@@ -82,6 +89,7 @@ class VRGD(Optimizer):
         check("VRGD", "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
         defaults = {"lr": lr, "gamma": gamma, "betas": betas, "eps": eps}
         super().__init__(params, {**defaults, "weight_decay": weight_decay})
+        require_names(self, "VRGD")
 
     @torch.no_grad()
     def step(self, closure=None, *, moments=None) -> None:  # type: ignore[override]
