@@ -1,10 +1,12 @@
-r"""``F.conv1d`` / ``F.conv2d``: per-example gradients by unfolding the input.
+r"""``F.conv1d`` / ``F.conv2d``: per-example weight gradients as one grouped convolution.
 
-With :math:`U_i` the unfolded input of example i (patches as columns,
-:math:`C_{in}/g \cdot k` rows per group) and :math:`G_i` its output gradient (positions as
-columns), the per-example weight gradient of group c is :math:`W_{i,c} = G_{i,c} U_{i,c}^T`: one
-batched GEMM with the FLOPs of the ordinary weight gradient, which is then their sum. Conv1d is
-the 2-d case with a 1-high kernel. The bias gradient is the output gradient summed over positions.
+Per example, the weight gradient of a convolution is the cross-correlation of that example's input
+with its output gradient. Folding the batch into the channel dimension (input
+``(1, B C_in, *S)``, output gradient ``(1, B C_out, *S')``) and multiplying the group count by B
+turns the whole batch's per-example gradients into the weight gradient of one grouped
+convolution, which ``aten.convolution_backward`` computes with the backend's native kernels: the
+same FLOPs as the ordinary weight gradient, no unfolded copy of the input. Their sum is the batch
+gradient; the bias gradient is the output gradient summed over positions.
 """
 
 from __future__ import annotations
@@ -19,13 +21,8 @@ from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, 
 __all__ = ["ConvRule"]
 
 
-def _pair(value, dims: int) -> tuple[int, ...]:
+def _tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
-
-def _same_padding(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, int]]:
-    totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-    return [(total // 2, total - total // 2) for total in totals]
 
 
 class ConvRule:
@@ -55,63 +52,66 @@ class ConvRule:
 
     def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
         """``aten.convolution_backward`` for the input only (the weight gradient is ours)."""
-        acts, weight, padding = bound["input"], bound["weight"], bound["padding"]
-        if isinstance(padding, str):
-            with torch.enable_grad():  # rare: let autograd resolve string padding
-                leaf = acts.detach().requires_grad_()
-                out = self.call(None, {**bound, "input": leaf, "bias": None})
-                return torch.autograd.grad(out, leaf, grad_output)[0]
-        grad_input, _, _ = torch.ops.aten.convolution_backward(
-            grad_output,
-            acts,
-            weight,
-            None,
-            _pair(bound["stride"], self.dims),
-            _pair(padding, self.dims),
-            _pair(bound["dilation"], self.dims),
-            False,
-            (0,) * self.dims,
-            bound["groups"],
-            (True, False, False),
-        )
+        acts, pads = self._padded_input(bound)
+        grad_input = self._backward(grad_output, acts, bound["weight"], bound, (True, False, False))
+        if any(pads):  # string padding resolved by padding the input: cut the margins off again
+            slices = [slice(None), slice(None)]
+            for axis in range(self.dims):
+                left, right = pads[2 * (self.dims - 1 - axis)], pads[2 * (self.dims - 1 - axis) + 1]
+                slices.append(slice(left, grad_input.shape[2 + axis] - right))
+            grad_input = grad_input[tuple(slices)]
         return grad_input
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         pieces = {}
         if "weight" in roles:
             per_example = self._per_example_weight(bound, grad_output)
-            pieces["weight"] = pieces_from_per_example(per_example, request, "unfold")
+            pieces["weight"] = pieces_from_per_example(per_example, request, "grouped")
         if "bias" in roles:
             bias = grad_output.flatten(2).sum(2)
-            pieces["bias"] = pieces_from_per_example(bias, request, "unfold")
+            pieces["bias"] = pieces_from_per_example(bias, request, "grouped")
         return pieces
 
     def _per_example_weight(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
-        weight, groups = bound["weight"], bound["groups"]
-        acts, kernel, stride, padding, dilation = self._as_2d(bound)
-        patches = F.unfold(acts, kernel, dilation=dilation, padding=padding, stride=stride)
-        batch, positions = patches.shape[0], patches.shape[-1]
-        patches = patches.reshape(batch, groups, -1, positions)
-        grads = grad_output.reshape(batch, groups, -1, positions)
-        per_example = torch.einsum("bgop,bgip->bgoi", grads, patches)
+        weight = bound["weight"]
+        acts, _ = self._padded_input(bound)
+        batch = acts.shape[0]
+        folded_acts = acts.reshape(1, -1, *acts.shape[2:])
+        folded_grads = grad_output.reshape(1, -1, *grad_output.shape[2:])
+        # only the shape of the weight matters for its own gradient
+        folded_weight = weight.new_empty((batch * weight.shape[0], *weight.shape[1:]))
+        per_example = self._backward(
+            folded_grads, folded_acts, folded_weight, bound, (False, True, False), batch
+        )
         return per_example.reshape(batch, *weight.shape)
 
-    def _as_2d(self, bound):
-        """Input and conv geometry in the 2-d form ``F.unfold`` takes, string padding resolved."""
-        acts, weight = bound["input"], bound["weight"]
-        kernel = tuple(weight.shape[2:])
-        stride, dilation = _pair(bound["stride"], self.dims), _pair(bound["dilation"], self.dims)
+    def _backward(self, grad_output, acts, weight, bound, mask, group_factor: int = 1):
         padding = bound["padding"]
-        if isinstance(padding, str):
-            sides = _same_padding(kernel, dilation) if padding == "same" else [(0, 0)] * self.dims
-            acts = F.pad(acts, [p for side in reversed(sides) for p in side])
-            padding = 0
-        padding = _pair(padding, self.dims)
-        if self.dims == 1:  # a 1-high 2-d convolution
-            acts = acts.unsqueeze(2)
-            kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
-            padding = (0, *padding)
-        return acts, kernel, stride, padding, dilation
+        grads = torch.ops.aten.convolution_backward(
+            grad_output,
+            acts,
+            weight,
+            None,
+            _tuple(bound["stride"], self.dims),
+            (0,) * self.dims if isinstance(padding, str) else _tuple(padding, self.dims),
+            _tuple(bound["dilation"], self.dims),
+            False,
+            (0,) * self.dims,
+            bound["groups"] * group_factor,
+            mask,
+        )
+        return grads[0] if mask[0] else grads[1]
+
+    def _padded_input(self, bound) -> tuple[torch.Tensor, list[int]]:
+        """The input with string padding applied explicitly, and the ``F.pad`` amounts used."""
+        acts, padding = bound["input"], bound["padding"]
+        if not isinstance(padding, str) or padding == "valid":
+            return acts, [0] * (2 * self.dims)
+        kernel = bound["weight"].shape[2:]
+        dilation = _tuple(bound["dilation"], self.dims)
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        return F.pad(acts, pads), pads
 
 
 register(ConvRule(1), F.conv1d)
