@@ -14,7 +14,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/gradnoise profile
 
 test: setup
 	$(PY) -m pytest

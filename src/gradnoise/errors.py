@@ -8,10 +8,10 @@ order, which also keeps the tests that match on them short.
 from __future__ import annotations
 
 __all__ = [
-    "GradNoiseError",
-    "UnsupportedModuleError",
     "BatchCouplingError",
+    "GradNoiseError",
     "NotReadyError",
+    "UnsupportedModuleError",
     "explain",
 ]
 
