@@ -103,8 +103,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/ddp_overhead.json")
     parser.add_argument("--batch", type=int, default=256, help="examples per rank and step")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 150)")
     args = parser.parse_args()
     steps, warmup = (10, 3) if args.quick else (150, 10)
+    steps = args.steps or steps
     config = {"width": 512, "depth": 4, "batch": args.batch, "steps": steps, "warmup": warmup}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
