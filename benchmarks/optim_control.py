@@ -1,13 +1,13 @@
 """Noise-aware optimizers and the adaptive batch size on the built-in workloads.
 
 Part 1 (optimizers): on the char-level LM and the image classifier, every optimizer of
-gradnoise.optim against AdamW and SGD with momentum. Each gets a 3-point learning-rate grid
-(center x {1/3, 1, 3}) picked by the final held-out loss of seed 0, then seeds 1.. at the best
+gradnoise.optim against AdamW and SGD with momentum. Each gets a 4-point learning-rate grid
+(center x {1/3, 1, 3, 9}) picked by the final held-out loss of seed 0, then seeds 1.. at the best
 rate; all seeds at the best rate are reported (median and min..max).
 
 Part 2 (adaptive batch): on the char LM, AdamW at fixed batches (sqrt LR rule from batch 16) for a
-fixed example budget against the BatchSizeController (micro-batch 16, target = 1 x the running
-Adam-preconditioned noise scale, sqrt LR rule), on the same budget. It asks: does the adaptive run
+fixed example budget against the BatchSizeController (micro-batch 16, target = {1/4, 1/2, 1} x the
+running Adam-preconditioned noise scale, sqrt LR rule), on the same budget. Does the adaptive run
 reach the best fixed batch's final loss with >= 25% fewer optimizer steps and no more examples?
 
 Counts: ``examples`` are data examples drawn; ``grad_evals`` are per-example gradients computed
@@ -292,35 +292,44 @@ def plot(result: dict, path: Path) -> None:
         axes[row, 0].legend(fontsize=7)
     for run_group in group_batch_runs(result["batch_runs"]).items():
         label, runs = run_group
-        band(axes[2, 0], runs, "step", label)
-        band(axes[2, 1], runs, "examples", label)
-        median_batch(axes[2, 2], runs, label)
+        color = band(axes[2, 0], runs, "step", label, each=True)
+        band(axes[2, 1], runs, "examples", label, each=True)
+        batch_sizes(axes[2, 2], runs, label, color)
     axes[2, 0].set(xlabel="optimizer steps", ylabel="charlm held-out loss")
     axes[2, 1].set(xlabel="examples", ylabel="charlm held-out loss")
-    axes[2, 2].set(xlabel="optimizer steps", ylabel="batch size")
+    axes[2, 2].set(xlabel="optimizer steps", ylabel="batch size (each seed)")
+    axes[2, 2].legend(fontsize=7)
     axes[2, 0].legend(fontsize=7)
     fig.suptitle("median over seeds, band = min..max")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
 
-def band(ax, runs: list[dict], x: str, label: str) -> None:
+def band(ax, runs: list[dict], x: str, label: str, each: bool = False) -> str:
+    """Median over seeds with a min..max band (up to the shortest run); ``each``: seeds too."""
     length = min(len(r["loss"]) for r in runs)
     xs = [statistics.median(r[x][i] for r in runs) for i in range(length)]
     columns = [[min(r["loss"][i], 10.0) for r in runs] for i in range(length)]
     (line,) = ax.plot(xs, [statistics.median(c) for c in columns], label=label)
+    color = line.get_color()
     ax.fill_between(
-        xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, color=line.get_color()
+        xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, color=color
     )
+    for run in runs if each else []:
+        ax.plot(run[x], run["loss"], color=color, alpha=0.35, linewidth=0.8)
+    return color
 
 
-def median_batch(ax, runs: list[dict], label: str) -> None:
-    length = min(len(r["batch"]) for r in runs)
-    ax.plot(
-        [runs[0]["step"][i] for i in range(length)],
-        [statistics.median(r["batch"][i] for r in runs) for i in range(length)],
-        label=label,
-    )
+def batch_sizes(ax, runs: list[dict], label: str, color: str) -> None:
+    for i, run in enumerate(runs):
+        ax.step(
+            run["step"],
+            run["batch"],
+            where="post",
+            color=color,
+            alpha=0.7,
+            label=label if i == 0 else None,
+        )
 
 
 def group_batch_runs(runs: list[dict]) -> dict:
@@ -334,7 +343,7 @@ def group_batch_runs(runs: list[dict]) -> dict:
 
 CONFIGS = {
     "full": {
-        "grid": (1 / 3, 1.0, 3.0),
+        "grid": (1 / 3, 1.0, 3.0, 9.0),
         "seeds": 3,
         "train": {
             "charlm": {"steps": 120, "eval_every": 20},
@@ -362,7 +371,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (about a minute)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--replot", type=Path, help="only redraw the PNG of a saved JSON")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     cfg = CONFIGS["quick" if args.quick else "full"]
     started = time.perf_counter()
     with get_context("fork").Pool(args.jobs) as pool:
