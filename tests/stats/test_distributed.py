@@ -66,6 +66,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             nn.functional.mse_loss(measured(xs[step, rank]), ys[step, rank]).backward()
         result["merged"].append(all_reduce_moments(stats.moments()))
         nn.functional.mse_loss(ddp(xs[step, rank]), ys[step, rank]).backward()
+        if step == 0:  # refused before any state changes: the next record still works
+            result["bad_batch"] = _error(lambda: hook.record(local_batch_size=0))
         record = hook.record(local_batch_size=LOCAL_BATCH)
         result["records"].append(record)
         noise.update(record)
@@ -165,6 +167,7 @@ def test_hook_errors(ddp_results):
     assert "expected a process group of at least 2 ranks" in ddp_results[0]["world_one"]
     assert "single process use GradStats or MicroBatchNorms" in ddp_results[0]["world_one"]
     assert "got parameters of dtype torch.float16" in ddp_results[0]["half"]
+    assert "record(local_batch_size=...): expected a positive int" in ddp_results[1]["bad_batch"]
 
 
 def test_hook_argument_errors_without_a_process_group():

@@ -93,6 +93,16 @@ def test_errors():
             micro.record(micro_batch_size=B)
         loss_fn("mean")(model(x), y).backward()
         assert micro.record(micro_batch_size=B).b_big == 2 * B  # the failed call cleared nothing
+    with MicroBatchNorms(model) as micro:
+        for _ in range(2):
+            loss_fn("mean")(model(x), y).backward()
+        with pytest.raises(
+            GradNoiseError, match=r"micro_batch_size=...\): expected a positive int"
+        ):
+            micro.record(micro_batch_size=0)
+        model[2].bias.sum().backward()  # a third backward that reaches only one parameter
+        with pytest.raises(GradNoiseError, match=r"partial use of \['0.bias', '0.weight'"):
+            micro.record(micro_batch_size=B)
     norm = torch.tensor(1.0)
     with pytest.raises(GradNoiseError, match="TwoBatchNorms: expected 0 < b_small < b_big"):
         TwoBatchNorms({"w": norm}, 4, {"w": norm}, 4)

@@ -146,30 +146,46 @@ class NoiseScaleHook:
         Call it right after ``backward()``, before the gradients are clipped or zeroed: the
         big-batch norms are read from the reduced ``param.grad``.
         """
-        if self._pending is None:
-            raise NotReadyError(
-                explain(
-                    "NoiseScaleHook.record",
-                    expected="a DDP backward pass since the last record",
-                    got="no synchronized backward (or record() called twice)",
-                    fix="call record() once per step, after loss.backward() outside no_sync()",
-                )
-            )
+        _check_record(self._pending is not None, local_batch_size)
+        names, small, big = self._step_norms()
+        b = float(local_batch_size)
+        factor = b * b if self.loss_reduction == "sum" else 1.0
+        small, big = small / (self.world_size * factor), big / factor
+        position = {name: i for i, name in enumerate(names)}
+        order = [n for n in self._names.values() if n in position]  # the module's order
+        small_norms = {n: small[position[n]] for n in order}
+        big_norms = {n: big[position[n]] for n in order}
+        return TwoBatchNorms(small_norms, b, big_norms, b * self.world_size)
+
+    def _step_norms(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Names, rank-summed local squared norms and reduced squared norms; clears the step."""
         work, small = self._pending
         work.wait()  # launched with the last bucket, so long finished on a real model
         params = [item for i in sorted(self._buckets) for item in self._buckets[i]]
         names = [name for name, _ in params]
         big = torch.stack(torch._foreach_norm(self._scaled(names, [p.grad for _, p in params])))
-        b = float(local_batch_size)
-        factor = b * b if self.loss_reduction == "sum" else 1.0
-        small = small.to(torch.float64) / (self.world_size * factor)
-        big = big.to(torch.float64).pow(2) / factor
-        position = {name: i for i, name in enumerate(names)}
-        order = [n for n in self._names.values() if n in position]  # the module's order
         self._clear()
-        small_norms = {n: small[position[n]] for n in order}
-        return TwoBatchNorms(
-            small_norms, b, {n: big[position[n]] for n in order}, b * self.world_size
+        return names, small.to(torch.float64), big.to(torch.float64).pow(2)
+
+
+def _check_record(pending: bool, local_batch_size: int) -> None:
+    if not (isinstance(local_batch_size, int) and local_batch_size > 0):
+        raise GradNoiseError(
+            explain(
+                "NoiseScaleHook.record(local_batch_size=...)",
+                expected="a positive int (examples per rank in this step)",
+                got=repr(local_batch_size),
+                fix="pass the per-rank batch size, e.g. len(x)",
+            )
+        )
+    if not pending:
+        raise NotReadyError(
+            explain(
+                "NoiseScaleHook.record",
+                expected="a DDP backward pass since the last record",
+                got="no synchronized backward (or record() called twice)",
+                fix="call record() once per step, after loss.backward() outside no_sync()",
+            )
         )
 
 

@@ -145,17 +145,12 @@ class MicroBatchNorms:
         return hook
 
     def record(self, *, micro_batch_size: int) -> TwoBatchNorms:
-        """The step's :class:`TwoBatchNorms`; clears the sums for the next step."""
-        steps = max(self._counts.values(), default=0)
-        if steps < 2:
-            raise NotReadyError(
-                explain(
-                    "MicroBatchNorms.record",
-                    expected="at least 2 micro-batch backward passes since the last record",
-                    got=f"{steps}",
-                    fix="call record() once per optimizer step, after all micro-batches",
-                )
-            )
+        """The step's :class:`TwoBatchNorms`; clears the sums for the next step.
+
+        Parameters that got no gradient in any micro-batch are left out; one that got a gradient
+        in only some micro-batches is refused (its two batch sizes would differ).
+        """
+        steps = self._check_record(micro_batch_size)
         scale = self.loss_scale if self.loss_scale is not None else 1.0 / steps
         names = [n for n in self.params if self._counts[n] == steps]
         small = {n: self._sums[n] / (steps * scale**2) for n in names}
@@ -165,3 +160,28 @@ class MicroBatchNorms:
         }
         self._clear()
         return TwoBatchNorms(small, micro_batch_size, big, micro_batch_size * steps)
+
+    def _check_record(self, micro_batch_size: int) -> int:
+        """Raise before any state changes; return the number of micro-batches."""
+        what = "MicroBatchNorms.record"
+        if not (isinstance(micro_batch_size, int) and micro_batch_size > 0):
+            fix = "pass the number of examples in each micro-batch"
+            got = repr(micro_batch_size)
+            raise GradNoiseError(
+                explain(
+                    f"{what}(micro_batch_size=...)", expected="a positive int", got=got, fix=fix
+                )
+            )
+        steps = max(self._counts.values(), default=0)
+        if steps < 2:
+            expected = "at least 2 micro-batch backward passes since the last record"
+            fix = "call record() once per optimizer step, after all micro-batches"
+            raise NotReadyError(explain(what, expected=expected, got=f"{steps}", fix=fix))
+        partial = sorted(n for n, count in self._counts.items() if count != steps)
+        if partial:
+            expected = f"every used parameter in all {steps} micro-batches"
+            fix = "use the same parameters in every micro-batch, or measure them with GradStats"
+            raise GradNoiseError(
+                explain(what, expected=expected, got=f"partial use of {partial}", fix=fix)
+            )
+        return steps
