@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradnoise.rl import adaptive, advantages, allocators, bandits
 from gradnoise.rl.aggregation import aggregation_weights
+from gradnoise.rl.composite import SelectThenSample
 from gradnoise.rl.loop import collect_rollouts, zero_variance_mask
 from gradnoise.rl.tracker import ValueTracker
 from gradnoise.stats.moments import GradMoments, total_moments
@@ -37,6 +38,13 @@ OUT = Path(__file__).parent / "results"
 
 def make_allocator(name: str, pool: int, prompts: int, group: int, seed: int):
     common = dict(seed=seed)
+
+    def mixed():  # sample until a group holds one success and one failure, up to 2 x group
+        return adaptive.ReinforceAda(
+            pool, prompts, balanced=True, target=2, round_size=group // 2,
+            max_samples=2 * group, **common,
+        )  # fmt: skip
+
     table = {
         "uniform": lambda: allocators.Uniform(pool, prompts, **common),
         # DAPO over-samples to fill its batch: aim at 3/4 of the prompts so that, at equal
@@ -51,6 +59,13 @@ def make_allocator(name: str, pool: int, prompts: int, group: int, seed: int):
         ),
         "vade": lambda: bandits.VADE(pool, prompts, **common),
         "vas": lambda: bandits.VarianceAwareSampling(pool, prompts, **common),
+        # VADE picks the prompts; Reinforce-Ada balanced (one success and one failure) samples
+        # within them in rounds of group/2 up to 2 x group; leftover budget tops up mixed groups
+        "vade_balanced": lambda: SelectThenSample(bandits.VADE(pool, prompts, **common), mixed()),
+        # ablation: the same within-prompt sampler on uniform's prompts (the first P candidates)
+        "uniform_balanced": lambda: SelectThenSample(
+            allocators.Uniform(pool, prompts, **common), mixed()
+        ),
     }
     return table[name]()
 
@@ -236,6 +251,8 @@ CONFIGS = [
     "ada_balanced+global",
     "vade+grpo",
     "vas+grpo",
+    "uniform_balanced+grpo",
+    "vade_balanced+grpo",
 ]
 
 

@@ -6,6 +6,8 @@
   loss aggregation, and their measured gradient variance;
 * :mod:`~gradnoise.rl.allocators`, :mod:`~gradnoise.rl.adaptive`, :mod:`~gradnoise.rl.bandits` -
   uniform, DAPO dynamic sampling, GVM-RAFT, Reinforce-Ada, VADE and MMR1 VAS behind one protocol;
+* :mod:`~gradnoise.rl.composite` - ``SelectThenSample``: a prompt selector (VADE, VAS) composed
+  with a within-prompt sampler (Reinforce-Ada);
 * :mod:`~gradnoise.rl.loop` - the rollout loop that drives any allocator;
 * :mod:`~gradnoise.rl.trl_adapter` - drop-in use with TRL's GRPOTrainer (trl optional).
 """
@@ -29,6 +31,7 @@ from gradnoise.rl.aggregation import (
 )
 from gradnoise.rl.allocators import Allocator, RolloutStats, Uniform, apportion
 from gradnoise.rl.bandits import VADE, VarianceAwareSampling
+from gradnoise.rl.composite import SelectThenSample
 from gradnoise.rl.loop import Rollouts, collect_rollouts, zero_variance_mask
 from gradnoise.rl.tracker import PromptHistory, ValueTracker
 
@@ -42,6 +45,7 @@ __all__ = [
     "ReinforceAda",
     "RolloutStats",
     "Rollouts",
+    "SelectThenSample",
     "Uniform",
     "ValueTracker",
     "VarianceAwareSampling",
