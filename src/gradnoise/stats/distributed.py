@@ -153,8 +153,9 @@ class NoiseScaleHook:
         small, big = small / (self.world_size * factor), big / factor
         position = {name: i for i, name in enumerate(names)}
         order = [n for n in self._names.values() if n in position]  # the module's order
-        small_norms = {n: small[position[n]] for n in order}
-        big_norms = {n: big[position[n]] for n in order}
+        index = torch.tensor([position[n] for n in order])
+        small_norms = dict(zip(order, small[index].unbind(), strict=True))
+        big_norms = dict(zip(order, big[index].unbind(), strict=True))
         return TwoBatchNorms(small_norms, b, big_norms, b * self.world_size)
 
     def _step_norms(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:

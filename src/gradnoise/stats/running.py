@@ -44,7 +44,7 @@ from gradnoise.stats.averaging import (
 )
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import trace_covariance
+from gradnoise.stats.quantities import trace_covariance, two_batch_estimates
 from gradnoise.stats.twobatch import TwoBatchNorms
 
 __all__ = ["NoiseScale", "NoiseScaleReading", "step_estimates"]
@@ -71,6 +71,15 @@ def _moments_estimates(record: GradMoments) -> tuple[torch.Tensor, torch.Tensor]
     return trace, record.mean.pow(2).sum() - trace / record.n
 
 
+def _two_batch_vectors(record: TwoBatchNorms) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """All parameters at once: :func:`two_batch_estimates` is elementwise."""
+    names = list(record.small_sq_norms)
+    small = torch.stack([record.small_sq_norms[n] for n in names]).to(torch.float64)
+    big = torch.stack([record.big_sq_norms[n] for n in names]).to(torch.float64)
+    sqs, traces = two_batch_estimates(small, record.b_small, big, record.b_big)
+    return names, traces, sqs
+
+
 def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Per-parameter unbiased ``(names, tr Sigma, |G|^2)`` of one step, as float64 vectors.
 
@@ -81,8 +90,8 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
     if isinstance(source, GradMoments):
         source = {"": source}
     if isinstance(source, TwoBatchNorms):
-        pairs = {name: (trace, sq) for name, (sq, trace) in source.estimates().items()}
-    elif isinstance(source, Mapping) and source:
+        return _two_batch_vectors(source)
+    if isinstance(source, Mapping) and source:
         pairs = {name: _moments_estimates(record) for name, record in source.items()}
     else:
         raise GradNoiseError(
