@@ -164,7 +164,8 @@ class NoiseScaleHook:
         work.wait()  # launched with the last bucket, so long finished on a real model
         params = [item for i in sorted(self._buckets) for item in self._buckets[i]]
         names = [name for name, _ in params]
-        big = torch.stack(torch._foreach_norm(self._scaled(names, [p.grad for _, p in params])))
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for _, p in params]  # unused
+        big = torch.stack(torch._foreach_norm(self._scaled(names, grads)))
         self._clear()
         return names, small.to(torch.float64), big.to(torch.float64).pow(2)
 
