@@ -1,7 +1,22 @@
-"""Moments, the quantities computed from them, and the GradStats engine."""
+"""Moments, the quantities computed from them, the GradStats engine, and noise over time."""
 
+from gradnoise.stats.agreement import (
+    Agreement,
+    SamplingTest,
+    agreement,
+    agreement_from_norms,
+    directional_derivatives,
+    inner_product_test,
+    orthogonality_test,
+)
+from gradnoise.stats.distributed import NoiseScaleHook, all_reduce_moments
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.moments import GradMoments, merge_all, total_moments
+from gradnoise.stats.preconditioned import (
+    adam_preconditioner,
+    adam_preconditioner_fn,
+    precondition,
+)
 from gradnoise.stats.quantities import (
     NoiseScaleEstimate,
     NormTestResult,
@@ -9,24 +24,47 @@ from gradnoise.stats.quantities import (
     gradient_noise_scale,
     gsnr,
     layer_gsnr,
+    noise_scale_from_sums,
     noise_scale_per_layer,
     norm_test,
     trace_covariance,
     two_batch_estimates,
 )
+from gradnoise.stats.running import NoiseScale, NoiseScaleReading
+from gradnoise.stats.scores import ExampleScores, class_logit_input_grads
+from gradnoise.stats.twobatch import MicroBatchNorms, TwoBatchNorms
 
 __all__ = [
+    "Agreement",
+    "ExampleScores",
     "GradMoments",
     "GradStats",
+    "MicroBatchNorms",
+    "NoiseScale",
     "NoiseScaleEstimate",
+    "NoiseScaleHook",
+    "NoiseScaleReading",
     "NormTestResult",
+    "SamplingTest",
+    "TwoBatchNorms",
+    "adam_preconditioner",
+    "adam_preconditioner_fn",
+    "agreement",
+    "agreement_from_norms",
+    "all_reduce_moments",
+    "class_logit_input_grads",
+    "directional_derivatives",
     "elementwise_variance",
     "gradient_noise_scale",
     "gsnr",
+    "inner_product_test",
     "layer_gsnr",
     "merge_all",
+    "noise_scale_from_sums",
     "noise_scale_per_layer",
     "norm_test",
+    "orthogonality_test",
+    "precondition",
     "total_moments",
     "trace_covariance",
     "two_batch_estimates",
