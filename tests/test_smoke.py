@@ -31,4 +31,4 @@ def test_unknown_attribute_is_an_attribute_error():
     import gradnoise
 
     with pytest.raises(AttributeError, match="no attribute 'Moniter'"):
-        gradnoise.Moniter  # noqa: B018
+        gradnoise.Moniter
