@@ -59,10 +59,15 @@ def compare(
     num_samples: int = 16,
     *,
     repeats: int = 20,
+    warmup: int = 1,
     true_grad: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[Comparison]:
-    """Estimate ``repeats`` times with each estimator (same ``f``, ``dist`` and budget)."""
+    """Estimate ``repeats`` times with each estimator (same ``f``, ``dist`` and budget).
+
+    ``warmup`` unmeasured calls first let stateful pieces (moving averages, control-variate
+    coefficients, which start uncorrected) reach their working state.
+    """
     if repeats < 2 or not estimators:
         raise GradNoiseError(
             explain(
@@ -74,6 +79,8 @@ def compare(
         )
     rows = []
     for name, est in estimators.items():
+        for _ in range(warmup):
+            est(f, dist, num_samples, generator=generator)
         start = time.perf_counter()
         estimates = [est(f, dist, num_samples, generator=generator) for _ in range(repeats)]
         rows.append(_row(name, estimates, true_grad, (time.perf_counter() - start) / repeats))
