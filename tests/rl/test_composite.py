@@ -62,6 +62,19 @@ def test_composite_is_deterministic_and_resumes_exactly_from_state_dict():
     assert run(composite(0), 6) != run(composite(1), 6)
 
 
+def test_composite_resumes_mid_step_with_the_chosen_prompts():
+    alloc = composite(5)
+    run(alloc, 3)
+    stats = RolloutStats.fresh(torch.arange(16))
+    first = alloc.allocate(stats, BUDGET)
+    stats = stats.add(first, torch.zeros(int(first.sum())))  # all-equal: the sampler goes on
+    resumed = composite(77)
+    resumed.load_state_dict(copy.deepcopy(alloc.state_dict()))
+    second = alloc.allocate(stats, BUDGET - stats.total)
+    assert (second > 0).sum() == P and torch.equal(second > 0, first > 0)
+    assert torch.equal(resumed.allocate(stats, BUDGET - stats.total), second)
+
+
 def test_sampler_continues_only_all_equal_groups_then_top_up_goes_to_mixed_groups():
     alloc = SelectThenSample(
         Uniform(POOL, 3, seed=0),
