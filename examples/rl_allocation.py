@@ -8,8 +8,10 @@ import sys
 import torch
 
 from gradnoise.rl import advantages as adv
+from gradnoise.rl.adaptive import ReinforceAda
 from gradnoise.rl.aggregation import aggregation_weights
 from gradnoise.rl.bandits import VADE
+from gradnoise.rl.composite import SelectThenSample
 from gradnoise.rl.loop import collect_rollouts, zero_variance_mask
 from gradnoise.workloads import arithmetic as ar
 
@@ -21,7 +23,12 @@ pool = ar.make_problems(128, generator=g)
 policy = ar.TinyGRUPolicy()
 ar.supervised_warmup(policy, ar.make_problems(1024, generator=g), steps=sft_steps, generator=g)
 opt = torch.optim.Adam(policy.parameters(), lr=2e-3)
-allocator = VADE(len(pool), 8, seed=0)  # pick 8 of the candidates per step, Thompson sampling
+# VADE picks 8 of the candidates per step (Thompson sampling); within each, Reinforce-Ada
+# balanced sampling goes on in rounds of 4 until the group holds a success and a failure (<= 16)
+allocator = SelectThenSample(
+    VADE(len(pool), 8, seed=0),
+    ReinforceAda(len(pool), 8, seed=0, balanced=True, target=2, round_size=4, max_samples=16),
+)
 
 
 def sample(ids):
