@@ -239,8 +239,11 @@ def main() -> None:
                "seconds": time.perf_counter() - start}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "estimator_variance.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "estimator_variance.png")
+    stem = (
+        "estimator_variance_quick" if args.quick else "estimator_variance"
+    )  # --quick never overwrites full results
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -175,8 +175,11 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mezo_memory.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "mezo_memory.png")
+    stem = (
+        "mezo_memory_quick" if args.quick else "mezo_memory"
+    )  # --quick never overwrites full results
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{stem}.png")
 
 
 if __name__ == "__main__":
