@@ -2,8 +2,9 @@
 
 For each workload (W1 MLP, W2 CNN, W3 GPT-like LM) every method runs interleaved in one process:
 each round times every method once, in rotating order, so slow drifts of this shared machine hit
-all methods alike. Reported per method: the median step time, the ratio of medians to the plain
-forward+backward, the median of per-round ratios, and how many parameter tensors it covered. With
+all methods alike. Reported per method, for wall-clock and for process CPU time: the median step
+time, the ratio of medians to the plain forward+backward and the median of per-round ratios; and
+how many parameter tensors it covered. With
 ``--memory`` each method also runs alone in a fresh process, and the extra peak RSS over the
 plain step's process is reported.
 
@@ -56,30 +57,43 @@ def prepare(workload: str, methods: list[str]):
     return steps, failures, len(list(model.parameters()))
 
 
-def time_interleaved(steps: dict, rounds: int) -> dict[str, list[float]]:
+def time_interleaved(steps: dict, rounds: int) -> tuple[dict, dict]:
+    """Wall-clock and process CPU seconds of every step, methods interleaved round by round.
+
+    CPU time (all threads of this process) is what the step itself consumed; on a machine shared
+    with other jobs it is far steadier than wall time, which also counts waiting for a core.
+    """
     names = list(steps)
-    times = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             steps[name][0]()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
-def summarize(times: dict[str, list[float]], steps: dict, total_params: int) -> dict:
-    plain = times["plain"]
-    out = {}
-    for name, values in times.items():
-        paired = [v / p for v, p in zip(values, plain, strict=True)]
-        out[name] = {
-            "median_ms": 1e3 * statistics.median(values),
-            "ratio_of_medians": statistics.median(values) / statistics.median(plain),
-            "median_paired_ratio": statistics.median(paired),
+def _ratios(values: list[float], plain: list[float]) -> dict[str, float]:
+    paired = [v / p for v, p in zip(values, plain, strict=True)]
+    return {
+        "median_ms": 1e3 * statistics.median(values),
+        "ratio_of_medians": statistics.median(values) / statistics.median(plain),
+        "median_paired_ratio": statistics.median(paired),
+    }
+
+
+def summarize(wall: dict, cpu: dict, steps: dict, total_params: int) -> dict:
+    return {
+        name: {
+            "wall": _ratios(wall[name], wall["plain"]),
+            "cpu": _ratios(cpu[name], cpu["plain"]),
             "params_covered": steps[name][1](),
             "params_total": total_params,
         }
-    return out
+        for name in wall
+    }
 
 
 def peak_rss_mib(workload: str, method: str, threads: int) -> float | None:
@@ -112,8 +126,8 @@ def run(args) -> dict:
     }
     for workload in args.workloads:
         steps, failures, total = prepare(workload, ["plain", *args.methods])
-        times = time_interleaved(steps, args.rounds)
-        entry = {"methods": summarize(times, steps, total), "failures": failures}
+        wall, cpu = time_interleaved(steps, args.rounds)
+        entry = {"methods": summarize(wall, cpu, steps, total), "failures": failures}
         if args.memory:
             base = peak_rss_mib(workload, "plain", args.threads)
             for name in steps:
@@ -130,20 +144,22 @@ def print_table(workload: str, entry: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{workload}: step time relative to a plain forward+backward")
-    for column in ("method", "median ms", "ratio", "paired ratio", "params", "extra MiB"):
+    columns = ("method", "wall ms", "wall ratio", "cpu ms", "cpu ratio", "params", "extra MiB")
+    for column in columns:
         table.add_column(column, justify="right")
     for name, m in entry["methods"].items():
         extra = m.get("extra_peak_rss_mib")
         table.add_row(
             name,
-            f"{m['median_ms']:.1f}",
-            f"{m['ratio_of_medians']:.3f}",
-            f"{m['median_paired_ratio']:.3f}",
+            f"{m['wall']['median_ms']:.1f}",
+            f"{m['wall']['median_paired_ratio']:.3f}",
+            f"{m['cpu']['median_ms']:.1f}",
+            f"{m['cpu']['median_paired_ratio']:.3f}",
             f"{m['params_covered']}/{m['params_total']}",
             "-" if extra is None else f"{extra:.0f}",
         )
     for name, why in entry["failures"].items():
-        table.add_row(name, "failed", why[:60], "", "", "")
+        table.add_row(name, "failed", why[:60], "", "", "", "")
     Console().print(table)
 
 
