@@ -289,6 +289,8 @@ def plot(result: dict, path: Path) -> None:
                 band(axes[row, col], runs, x, f"{name} lr={entry['lr']:.0e}")
         for col, x in enumerate(("optimizer steps", "per-example gradients", "wall seconds")):
             axes[row, col].set(xlabel=x, ylabel=f"{workload} held-out loss")
+            if workload == "charlm":  # diverged runs (clipped at 10) would hide the rest
+                axes[row, col].set_ylim(2.1, 3.2)
         axes[row, 0].legend(fontsize=7)
     for run_group in group_batch_runs(result["batch_runs"]).items():
         label, runs = run_group
