@@ -217,11 +217,12 @@ def plot(results, summary, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for cfg, s in summary["configs"].items():
+    for i, (cfg, s) in enumerate(summary["configs"].items()):
         curves = [results[seed][cfg]["curve"] for seed in sorted(results)]
         xs = [c[0] for c in curves[0]]
         ys = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(xs))]
-        axes[0].plot(xs, ys, label=cfg, lw=2.5 if cfg == "uniform+grpo" else 1.2)
+        style = dict(lw=2.5 if cfg == "uniform+grpo" else 1.2, ls="--" if i >= 10 else "-")
+        axes[0].plot(xs, ys, label=cfg, **style)  # the colour cycle repeats after 10 lines
         axes[1].bar(cfg, statistics.median(s["zero_variance_fraction"]))
         var = [v for v in s["relative_variance_per_rollout"] if v is not None]
         axes[2].bar(cfg, statistics.median(var) if var else 0)
