@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, register
+from gradnoise.layers.registry import BaseRule, Pieces, Request, pieces_from_per_example, register
 
 __all__ = ["ConvRule"]
 
@@ -25,7 +25,7 @@ def _tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-class ConvRule:
+class ConvRule(BaseRule):
     param_roles = ("weight", "bias")
 
     def __init__(self, dims: int) -> None:
@@ -42,9 +42,6 @@ class ConvRule:
             "dilation": dilation,
             "groups": groups,
         }
-
-    def check(self, bound: dict[str, Any]) -> None:
-        pass
 
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d

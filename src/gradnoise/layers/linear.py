@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gradnoise.layers.registry import (
+    BaseRule,
     Pieces,
     Request,
     batched_sq_norms,
@@ -51,15 +52,12 @@ def choose_method(batch: int, seq: int, d_in: int, d_out: int, request: Request)
     return "gram" if gram_cost <= bmm_cost else "bmm"
 
 
-class LinearRule:
+class LinearRule(BaseRule):
     name = "linear"
     param_roles = ("weight", "bias")
 
     def bind(self, input, weight, bias=None) -> dict[str, Any]:
         return {"input": input, "weight": weight, "bias": bias}
-
-    def check(self, bound: dict[str, Any]) -> None:
-        pass
 
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
         return F.linear(bound["input"], bound["weight"], bound["bias"])

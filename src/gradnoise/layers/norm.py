@@ -17,9 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradnoise.layers.registry import Pieces, Request, pieces_from_per_example, register
+from gradnoise.layers.registry import (
+    BaseRule,
+    Pieces,
+    Request,
+    pieces_from_per_example,
+    register,
+)
 
-__all__ = ["GroupNormRule", "LayerNormRule", "RMSNormRule"]
+__all__ = ["AffineNormRule"]
 
 
 def _affine_pieces(
@@ -46,74 +52,50 @@ def _affine_pieces(
     return pieces
 
 
-class LayerNormRule:
-    name = "layer_norm"
-    param_roles = ("weight", "bias")
-
-    def bind(self, input, normalized_shape, weight=None, bias=None, eps=1e-5) -> dict[str, Any]:
-        return {
-            "input": input,
-            "normalized_shape": normalized_shape,
-            "weight": weight,
-            "bias": bias,
-            "eps": eps,
-        }
-
-    def check(self, bound: dict[str, Any]) -> None:
-        pass
-
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
-        return F.layer_norm(**bound)
-
-    def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
-        shape = tuple(bound["normalized_shape"])
-        normalized = F.layer_norm(bound["input"], shape, None, None, bound["eps"])
-        return _affine_pieces(normalized, grad_output, len(shape), None, roles, request)
+def _layer_norm_args(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return locals()
 
 
-class RMSNormRule:
-    name = "rms_norm"
-    param_roles = ("weight",)
+def _rms_norm_args(input, normalized_shape, weight=None, eps=None):
+    return locals()
 
-    def bind(self, input, normalized_shape, weight=None, eps=None) -> dict[str, Any]:
-        return {"input": input, "normalized_shape": normalized_shape, "weight": weight, "eps": eps}
 
-    def check(self, bound: dict[str, Any]) -> None:
-        pass
+def _group_norm_args(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return locals()
+
+
+class AffineNormRule(BaseRule):
+    """A normalization followed by an elementwise affine map; ``x_hat`` is the op without it.
+
+    The parameter lives on the trailing ``normalized_shape`` dims (layer and RMS norm) or on the
+    channel dim 1 (group norm, ``channel_first=True``).
+    """
+
+    def __init__(self, name, function, binder, param_roles, *, channel_first=False) -> None:
+        self.name, self.function, self.param_roles = name, function, param_roles
+        self._binder, self._channel_first = binder, channel_first
+
+    def bind(self, *args, **kwargs) -> dict[str, Any]:
+        return self._binder(*args, **kwargs)
 
     def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
-        return F.rms_norm(**bound)
+        return self.function(**bound)
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
-        shape = tuple(bound["normalized_shape"])
-        normalized = F.rms_norm(bound["input"], shape, None, bound["eps"])
-        return _affine_pieces(normalized, grad_output, len(shape), None, roles, request)
+        normalized = self.function(**{**bound, **dict.fromkeys(self.param_roles)})
+        if self._channel_first:
+            return _affine_pieces(normalized, grad_output, 1, 1, roles, request)
+        dims = len(tuple(bound["normalized_shape"]))
+        return _affine_pieces(normalized, grad_output, dims, None, roles, request)
 
 
-class GroupNormRule:
-    name = "group_norm"
-    param_roles = ("weight", "bias")
-
-    def bind(self, input, num_groups, weight=None, bias=None, eps=1e-5) -> dict[str, Any]:
-        return {
-            "input": input,
-            "num_groups": num_groups,
-            "weight": weight,
-            "bias": bias,
-            "eps": eps,
-        }
-
-    def check(self, bound: dict[str, Any]) -> None:
-        pass
-
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
-        return F.group_norm(**bound)
-
-    def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
-        normalized = F.group_norm(bound["input"], bound["num_groups"], None, None, bound["eps"])
-        return _affine_pieces(normalized, grad_output, 1, 1, roles, request)
-
-
-register(LayerNormRule(), F.layer_norm)
-register(RMSNormRule(), F.rms_norm)
-register(GroupNormRule(), F.group_norm)
+register(
+    AffineNormRule("layer_norm", F.layer_norm, _layer_norm_args, ("weight", "bias")), F.layer_norm
+)
+register(AffineNormRule("rms_norm", F.rms_norm, _rms_norm_args, ("weight",)), F.rms_norm)
+register(
+    AffineNormRule(
+        "group_norm", F.group_norm, _group_norm_args, ("weight", "bias"), channel_first=True
+    ),
+    F.group_norm,
+)

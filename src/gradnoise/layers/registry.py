@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
+    "BaseRule",
     "Pieces",
     "Request",
     "Rule",
@@ -117,6 +118,13 @@ class Rule(Protocol):
         request: Request,
     ) -> dict[str, Pieces]:
         """Pieces for each requested parameter role, from the call's arguments and output grad."""
+
+
+class BaseRule:
+    """Defaults shared by the rules: no extra argument checks."""
+
+    def check(self, bound: dict[str, Any]) -> None:
+        """Accept every call; rules with unmeasurable options override this."""
 
 
 _RULES: dict[Callable[..., Any], Rule] = {}
