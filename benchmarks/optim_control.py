@@ -374,10 +374,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run (about a minute)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--replot", type=Path, help="only redraw the PNG of a saved JSON")
+    parser.add_argument("--batch-only", type=int, metavar="BUDGET", help="only part 2, longer")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
+    if args.batch_only:
+        return batch_only(args.batch_only, args.jobs)
     cfg = CONFIGS["quick" if args.quick else "full"]
     started = time.perf_counter()
     with get_context("fork").Pool(args.jobs) as pool:
@@ -404,6 +407,24 @@ def main() -> None:
             {k: result[k] for k in ("optimizers", "adaptive_batch", "total_seconds")}, indent=1
         )
     )
+
+
+def batch_only(budget: int, jobs: int) -> None:
+    """Part 2 alone at another example budget: fixed 16 and 32 against m = 1/4 and 1/2."""
+    cfg = {**CONFIGS["full"], "fixed_accumulations": (1, 2), "multiples": (0.25, 0.5)}
+    cfg["batch_run"] = {"budget": budget, "eval_every": 10}
+    started = time.perf_counter()
+    with get_context("fork").Pool(jobs) as pool:
+        batch_runs = pool.map(run_batch, batch_specs(cfg), chunksize=1)
+    result = {
+        "config": {"mode": "batch-only", **cfg, "jobs": jobs},
+        "adaptive_batch": adaptive_report(batch_runs),
+        "batch_runs": batch_runs,
+        "total_seconds": time.perf_counter() - started,
+    }
+    path = OUT / f"optim_control_batch{budget}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["adaptive_batch"], indent=1))
 
 
 def run_spec(run: dict) -> dict:
