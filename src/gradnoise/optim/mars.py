@@ -17,7 +17,8 @@ the practical "MARS-approx" form that reuses the previous step's gradient):
     \theta \leftarrow \theta - \eta\,(\mathrm{sign}(m_t) + \lambda\theta).
 
 At the first step :math:`g_0 := g_1`, so the correction is zero. ``gamma=0`` gives AdamW (with
-clipping of the gradient per tensor) or a Lion-style signed momentum.
+clipping of the gradient per tensor) or, for the Lion instance, signed momentum with one
+:math:`\beta` (original Lion interpolates with a second coefficient; only ``betas[0]`` is used).
 """
 
 from __future__ import annotations
