@@ -68,7 +68,8 @@ def eval_loss(workload, batches) -> float:
 
 
 def held_out(name: str, size: int = 64, count: int = 2):
-    stream = get_workload(name, batch_size=size, seed=10_000).batches  # unseen seed: held out
+    # an unseen seed: new images (held out); for charlm, new windows of the same corpus
+    stream = get_workload(name, batch_size=size, seed=10_000).batches
     return [next(stream) for _ in range(count)]
 
 
