@@ -19,6 +19,11 @@ from gradnoise.layers.registry import Rule
 __all__ = ["Attach", "Call", "Fused", "RuleMode", "Tap"]
 
 
+def _unwatched() -> torch._C.DisableTorchFunction:
+    """The rules' own tensor ops skip the mode: each would otherwise pay a Python round trip."""
+    return torch._C.DisableTorchFunction()
+
+
 @dataclass
 class Call:
     """One use of tracked parameters: a ruled op call or a fallback module call."""
@@ -41,7 +46,8 @@ class Attach(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = ctx.recorder.rule_backward(ctx.call, grad_output)
+        with _unwatched():
+            grads = ctx.recorder.rule_backward(ctx.call, grad_output)
         return (None, None, grad_output, *grads)
 
 
@@ -51,14 +57,16 @@ class Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, recorder, call, func, input, *params):
         ctx.recorder, ctx.call = recorder, call
-        return call.rule.call(func, call.bound)
+        with _unwatched():
+            return call.rule.call(func, call.bound)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = ctx.recorder.rule_backward(ctx.call, grad_output)
-        grad_input = None
-        if ctx.needs_input_grad[3]:
-            grad_input = ctx.call.rule.input_grad(ctx.call.bound, grad_output)
+        with _unwatched():
+            grads = ctx.recorder.rule_backward(ctx.call, grad_output)
+            grad_input = None
+            if ctx.needs_input_grad[3]:
+                grad_input = ctx.call.rule.input_grad(ctx.call.bound, grad_output)
         return (None, None, None, grad_input, *grads)
 
 
