@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.layers.registry import Pieces, batched_sq_norms
+from gradnoise.layers.registry import Pieces, batched_sq_norms, sq_norm
 from gradnoise.stats.moments import GradMoments
 
 __all__ = ["Accumulator", "check_residual"]
@@ -26,13 +26,22 @@ class Accumulator:
         self._elem_sq = pieces.elem_sq
         self._per_example = pieces.per_example
         self.methods = [pieces.method]
+        # ||sum_i g_i||^2 while the gradient is still in cache; a second use invalidates it
+        self._grad_sq: torch.Tensor | None = sq_norm(self.grad)
 
     def add(self, pieces: Pieces) -> None:
         self.grad = self.grad + pieces.grad
+        self._grad_sq = None
         self.methods.append(pieces.method)
         if self._per_example is None or pieces.per_example is None:
             raise AssertionError("shared parameters must be materialized on every use")
         self._per_example = self._per_example + pieces.per_example
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """``||sum_i g_i||^2`` in autograd's scale."""
+        if self._grad_sq is None:
+            self._grad_sq = sq_norm(self.grad)
+        return self._grad_sq
 
     def sq_norms(self) -> torch.Tensor:
         if self._per_example is not None:

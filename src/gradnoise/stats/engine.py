@@ -16,7 +16,6 @@ from torch import nn
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers.plan import Plan, plan_coverage
-from gradnoise.layers.registry import sq_norm
 from gradnoise.stats.accumulate import Accumulator
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
@@ -158,7 +157,7 @@ class GradStats:
         """
         measured = self._measured()
         sq_norm_sum = torch.stack([acc.sq_norms().sum() for acc in measured.values()]).sum()
-        sum_sq_norm = torch.stack([sq_norm(acc.grad) for acc in measured.values()]).sum()
+        sum_sq_norm = torch.stack([acc.grad_sq_norm() for acc in measured.values()]).sum()
         _require_batch(self._recorder.batch)
         return noise_scale_from_sums(
             self._recorder.batch, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
