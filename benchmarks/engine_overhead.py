@@ -5,8 +5,8 @@ each round times every method once, in rotating order, so slow drifts of this sh
 all methods alike. Reported per method, for wall-clock and for process CPU time: the median step
 time, the ratio of medians to the plain forward+backward and the median of per-round ratios; and
 how many parameter tensors it covered. With
-``--memory`` each method also runs alone in a fresh process, and the extra peak RSS over the
-plain step's process is reported.
+``--memory`` each method also runs alone in a fresh process, and the peak resident memory its
+steps add beyond what a plain step's add is reported.
 
     python benchmarks/engine_overhead.py                # full run, JSON in benchmarks/results/
     python benchmarks/engine_overhead.py --quick        # 3 rounds, no memory, for a smoke test
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,22 +96,38 @@ def summarize(wall: dict, cpu: dict, steps: dict, total_params: int) -> dict:
     }
 
 
-def peak_rss_mib(workload: str, method: str, threads: int) -> float | None:
-    """Peak RSS (MiB) of a fresh process running a few steps of one method."""
+def extra_peak_mib(workload: str, method: str, threads: int) -> float | None:
+    """Peak resident memory a few steps of one method add, in a fresh process (MiB).
+
+    CPU PyTorch keeps no allocator statistics, so the child resets the kernel's high-water mark
+    (``/proc/self/clear_refs``), runs the steps and reads ``VmHWM`` minus the resident size before
+    them; glibc is told to return freed blocks (``MALLOC_MMAP_THRESHOLD_``) so that transient
+    tensors show up in the peak.
+    """
     command = [sys.executable, __file__, "--child", workload, method, "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return None
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child(workload: str, method: str) -> None:
-    steps, failures, _ = prepare(workload, [method])
+    steps, failures, _ = prepare(workload, [method])  # includes one warm-up step
     if failures:
         raise SystemExit(1)
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     for _ in range(3):
         steps[method][0]()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print((_status_kib("VmHWM") - before) / 1024)
 
 
 def run(args) -> dict:
@@ -129,11 +145,12 @@ def run(args) -> dict:
         wall, cpu = time_interleaved(steps, args.rounds)
         entry = {"methods": summarize(wall, cpu, steps, total), "failures": failures}
         if args.memory:
-            base = peak_rss_mib(workload, "plain", args.threads)
+            base = extra_peak_mib(workload, "plain", args.threads)
             for name in steps:
-                peak = peak_rss_mib(workload, name, args.threads)
+                peak = extra_peak_mib(workload, name, args.threads)
                 extra = None if peak is None or base is None else peak - base
-                entry["methods"][name]["extra_peak_rss_mib"] = extra
+                entry["methods"][name]["step_peak_mib"] = peak
+                entry["methods"][name]["extra_peak_mib"] = extra
         report["workloads"][workload] = entry
         print_table(workload, entry)
     return report
@@ -148,7 +165,7 @@ def print_table(workload: str, entry: dict) -> None:
     for column in columns:
         table.add_column(column, justify="right")
     for name, m in entry["methods"].items():
-        extra = m.get("extra_peak_rss_mib")
+        extra = m.get("extra_peak_mib")
         table.add_row(
             name,
             f"{m['wall']['median_ms']:.1f}",
