@@ -93,7 +93,10 @@ def _product(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Piece
     grad = grads.T @ acts
     sq_norms = batched_sq_norms(grads) * batched_sq_norms(acts)
     elem_sq = grads.pow(2).T @ acts.pow(2) if request.elementwise else None
-    return Pieces(grad, sq_norms, elem_sq, None, "product")
+    # the factors are smaller than the gradient when B (d_in + d_out) < d_in d_out
+    smaller = grads.numel() + acts.numel() < grad.numel()
+    recompute = (lambda: grads.T @ acts) if smaller else None
+    return Pieces(grad, sq_norms, elem_sq, None, "product", recompute)
 
 
 def _gram(acts: torch.Tensor, grads: torch.Tensor) -> Pieces:

@@ -50,6 +50,8 @@ class Pieces:
     elem_sq      elementwise sum over examples of squared per-example gradients, or None
     per_example  (B, *param.shape) per-example gradients, only when ``Request.materialize``
     method       how they were computed, for the coverage report
+    recompute    optional: rebuilds ``grad`` from factors smaller than it, so the engine need
+                 not keep ``grad`` itself (autograd can then adopt it as ``.grad`` uncopied)
     """
 
     grad: torch.Tensor
@@ -57,6 +59,7 @@ class Pieces:
     elem_sq: torch.Tensor | None
     per_example: torch.Tensor | None
     method: str
+    recompute: Callable[[], torch.Tensor] | None = None
 
 
 # Squared norms in one fused ``vector_norm`` pass (no squared copy). A single float32 reduction

@@ -28,10 +28,28 @@ class Accumulator:
         self.methods = [pieces.method]
         # ||sum_i g_i||^2 while the gradient is still in cache; a second use invalidates it
         self._grad_sq: torch.Tensor | None = sq_norm(self.grad)
+        self._recompute = pieces.recompute
+
+    def release(self) -> None:
+        """Drop the summed gradient when it can be rebuilt from smaller factors.
+
+        Autograd then adopts the tensor as ``param.grad`` instead of copying it (it copies any
+        gradient someone else still references); ``summed_grad`` rebuilds it on demand, so later
+        in-place changes of ``.grad`` (clipping, zeroing) cannot alter the statistics.
+        """
+        if self._recompute is not None:
+            self.grad = None
+
+    def summed_grad(self) -> torch.Tensor:
+        """``sum_i g_i`` in autograd's scale."""
+        if self.grad is None:
+            self.grad = self._recompute()
+        return self.grad
 
     def add(self, pieces: Pieces) -> None:
         self.grad = self.grad + pieces.grad
         self._grad_sq = None
+        self._recompute = None
         self.methods.append(pieces.method)
         if self._per_example is None or pieces.per_example is None:
             raise AssertionError("shared parameters must be materialized on every use")
@@ -40,7 +58,7 @@ class Accumulator:
     def grad_sq_norm(self) -> torch.Tensor:
         """``||sum_i g_i||^2`` in autograd's scale."""
         if self._grad_sq is None:
-            self._grad_sq = sq_norm(self.grad)
+            self._grad_sq = sq_norm(self.summed_grad())
         return self._grad_sq
 
     def sq_norms(self) -> torch.Tensor:
@@ -58,7 +76,7 @@ class Accumulator:
         elem_sq = self.elem_sq() if elementwise else None
         return GradMoments(
             n=batch,
-            grad_sum=self.grad * scale,
+            grad_sum=self.summed_grad() * scale,
             sq_norm_sum=self.sq_norms().sum() * scale**2,
             elem_sq_sum=None if elem_sq is None else elem_sq * scale**2,
         )

@@ -231,6 +231,7 @@ class Recorder:
             if acc is not None and grad is acc.grad:
                 # autograd passed on the very tensor the rule returned: no other contribution
                 self.residuals[name] = None
+                acc.release()
                 return None
             measured = acc.grad if acc is not None else torch.zeros_like(grad)
             self.residuals[name] = (sq_norm(grad - measured), sq_norm(grad))
