@@ -269,3 +269,16 @@ def test_one_gradstats_object_serves_many_steps():
 def test_results_of_a_gradstats_that_was_never_entered():
     with pytest.raises(NotReadyError, match="a GradStats that was never entered"):
         GradStats(_mlp()).per_example_sq_norms()
+
+
+def test_statistics_are_a_snapshot_unaffected_by_later_changes_of_grad():
+    model = _mlp()
+    x, y = _batch(8)
+    with GradStats(model) as stats:
+        F.cross_entropy(model(x), y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # in place, after the block
+    model.zero_grad(set_to_none=False)
+    moments = stats.moments()
+    for name, grad in plain.items():
+        torch.testing.assert_close(moments[name].grad_sum, grad * 8)
