@@ -69,29 +69,43 @@ class LinearRule(BaseRule):
         batch = grad_output.shape[0]
         acts = bound["input"].reshape(batch, -1, bound["input"].shape[-1])
         grads = grad_output.reshape(batch, -1, grad_output.shape[-1])
+        # per-example bias gradients; with one position their squared norms serve the weight too
+        rows = grads[:, 0] if grads.shape[1] == 1 else grads.sum(1)
+        row_sq = None
+        if grads.shape[1] == 1 and not request.materialize:
+            row_sq = batched_sq_norms(rows)
         pieces = {}
         if "weight" in roles:
-            pieces["weight"] = _weight_pieces(acts, grads, request)
+            pieces["weight"] = _weight_pieces(acts, grads, request, row_sq)
         if "bias" in roles:
-            pieces["bias"] = pieces_from_per_example(grads.sum(1), request, "product")
+            pieces["bias"] = _bias_pieces(rows, request, row_sq)
         return pieces
 
 
-def _weight_pieces(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
+def _bias_pieces(rows: torch.Tensor, request: Request, row_sq: torch.Tensor | None) -> Pieces:
+    if row_sq is None:
+        return pieces_from_per_example(rows, request, "product")
+    elem_sq = rows.pow(2).sum(0) if request.elementwise else None
+    return Pieces(rows.sum(0), row_sq, elem_sq, None, "product")
+
+
+def _weight_pieces(acts, grads, request: Request, row_sq: torch.Tensor | None) -> Pieces:
     batch, seq, d_in = acts.shape
     method = choose_method(batch, seq, d_in, grads.shape[-1], request)
     if method == "product":
-        return _product(acts[:, 0], grads[:, 0], request)
+        return _product(acts[:, 0], grads[:, 0], request, row_sq)
     if method == "gram":
         return _gram(acts, grads)
     return _bmm(acts, grads, request)
 
 
-def _product(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
+def _product(acts, grads, request: Request, grads_sq: torch.Tensor | None = None) -> Pieces:
     if request.materialize:
         return pieces_from_per_example(torch.einsum("bo,bi->boi", grads, acts), request, "product")
     grad = grads.T @ acts
-    sq_norms = batched_sq_norms(grads) * batched_sq_norms(acts)
+    if grads_sq is None:
+        grads_sq = batched_sq_norms(grads)
+    sq_norms = grads_sq * batched_sq_norms(acts)
     elem_sq = grads.pow(2).T @ acts.pow(2) if request.elementwise else None
     # the factors are smaller than the gradient when B (d_in + d_out) < d_in d_out
     smaller = grads.numel() + acts.numel() < grad.numel()
