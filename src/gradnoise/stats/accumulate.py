@@ -26,8 +26,10 @@ class Accumulator:
         self._elem_sq = pieces.elem_sq
         self._per_example = pieces.per_example
         self.methods = [pieces.method]
-        # ||sum_i g_i||^2 while the gradient is still in cache; a second use invalidates it
-        self._grad_sq: torch.Tensor | None = sq_norm(self.grad)
+        # ||sum_i g_i||^2 while the gradient is still in cache; materialized pieces come from
+        # shared parameters or the fallback, whose sums may still grow, so they wait until asked
+        shared = pieces.per_example is not None
+        self._grad_sq: torch.Tensor | None = None if shared else sq_norm(self.grad)
         self._recompute = pieces.recompute
 
     def release(self) -> None:
