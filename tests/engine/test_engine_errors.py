@@ -12,6 +12,7 @@ from gradnoise import (
     NotReadyError,
     UnsupportedModuleError,
 )
+from gradnoise.testing.check import reference_errors
 from tests.engine.models_for_tests import Scale
 
 
@@ -102,7 +103,7 @@ def test_regularizer_in_the_loss_is_reported():
         stats.per_example_sq_norms()
 
 
-def test_unrecognized_use_of_a_tracked_weight_is_reported():
+def test_a_use_without_a_rule_hands_the_parameter_to_the_fallback_of_its_module():
     class Sneaky(nn.Module):
         def __init__(self):
             super().__init__()
@@ -111,8 +112,22 @@ def test_unrecognized_use_of_a_tracked_weight_is_reported():
         def forward(self, x):
             return self.proj(x) + x @ self.proj.weight.T  # matmul, not F.linear
 
-    stats = _step(Sneaky())
-    with pytest.raises(GradNoiseError, match=r"'proj.weight'.*x @ W.T"):
+    torch.manual_seed(0)
+    model = Sneaky().double()
+    x, y = torch.randn(5, 3).double(), torch.randint(0, 2, (5,))
+    errors = reference_errors(model, lambda m, x, y: F.cross_entropy(m(x), y), (x, y))
+    assert max(e for per in errors.values() for e in per.values()) < 1e-9, errors
+    stats = _step(model, batch=(x, y))
+    # the F.linear use is left to the fallback too, which sees both uses of the weight
+    assert stats.coverage() == {"proj.weight": "fallback", "proj.bias": "product"}
+
+
+def test_a_use_outside_every_module_is_reported():
+    model = _mlp()
+    x, y = _batch()
+    with GradStats(model) as stats:
+        (F.cross_entropy(model(x), y) + (x @ model[0].weight.T).sum()).backward()
+    with pytest.raises(GradNoiseError, match=r"'0.weight'.*x @ W.T"):
         stats.moments()
 
 
@@ -146,9 +161,9 @@ def test_batch_norm_in_training_mode_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(BatchCouplingError, match="batch normalization in training mode.*eval"):
         GradStats(model)
-    model.eval()  # running statistics: per-example, measured by the fallback
+    model.eval()  # running statistics: a per-channel affine map of each example
     stats = _step(model, loss=lambda m: m(torch.randn(4, 3)).pow(2).mean())
-    assert stats.coverage()["1.weight"] == "fallback"
+    assert stats.coverage()["1.weight"] == "direct"
 
 
 def test_functional_batch_norm_with_batch_statistics_is_refused():
@@ -169,10 +184,11 @@ def test_sequence_first_attention_is_refused():
         GradStats(nn.MultiheadAttention(4, 2))
 
 
-def test_fallback_error_policy_lists_the_modules():
+def test_fallback_error_policy_names_the_use_without_a_rule():
     model = nn.Sequential(nn.Linear(3, 4), Scale(4))
-    with pytest.raises(UnsupportedModuleError, match=r"modules without a rule: 1 \(Scale\)"):
-        GradStats(model, fallback="error")
+    with pytest.raises(UnsupportedModuleError, match=r"TensorBase.pow on '1.gain'.*fallback='vmap'"):
+        _step(model, {"fallback": "error"}, loss=lambda m: m(torch.randn(4, 3)).sum())
+    assert _hooks_left(model) == 0
 
 
 def test_inconsistent_batch_dimension():
@@ -205,7 +221,7 @@ def test_random_fallback_module_is_refused():
             self.gain = nn.Parameter(torch.ones(3))
 
         def forward(self, x):
-            return F.dropout(x * self.gain, 0.5, training=True)
+            return F.dropout(x * self.gain.pow(2), 0.5, training=True)  # pow: the fallback
 
     with pytest.raises(GradNoiseError, match="random operations.*dropout"):
         _step(Noisy(), loss=lambda m: m(torch.randn(4, 3)).sum())

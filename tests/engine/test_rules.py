@@ -190,7 +190,6 @@ FALLBACK_MODULES = {
     "conv-transpose": (lambda: nn.ConvTranspose2d(2, 3, 2), (3, 2, 3, 3), "fallback"),
     "prelu": (lambda: nn.PReLU(3), (4, 3, 5), "fallback"),
     "instance-norm": (lambda: nn.InstanceNorm1d(3, affine=True), (4, 3, 5), "fallback"),
-    "batch-norm-eval": (lambda: nn.BatchNorm1d(3).eval(), (4, 3, 5), "fallback"),
 }
 
 

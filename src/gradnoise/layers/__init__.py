@@ -1,20 +1,21 @@
 """Per-layer rules: (activations, output gradients) -> per-example gradient pieces.
 
-Importing this package registers every rule; see :mod:`gradnoise.layers.registry`.
+Importing this package registers every rule; see :mod:`gradnoise.layers.registry`. A new rule is
+one module here with one ``register(...)`` line, imported below.
 """
 
-from gradnoise.layers import conv, embedding, linear, norm  # noqa: F401  (registers the rules)
-from gradnoise.layers.plan import RULED_MODULES, SUBTREE_FALLBACK, Plan, plan_coverage
-from gradnoise.layers.registry import Pieces, Request, Rule, register, rule_for
+from gradnoise.layers import conv, elementwise, embedding, linear, norm  # noqa: F401  (registers)
+from gradnoise.layers.plan import LOOP_MODULES, Plan, plan_coverage
+from gradnoise.layers.registry import Pieces, Request, Rule, register, registered_rules, rule_for
 
 __all__ = [
-    "RULED_MODULES",
-    "SUBTREE_FALLBACK",
+    "LOOP_MODULES",
     "Pieces",
     "Plan",
     "Request",
     "Rule",
     "plan_coverage",
     "register",
+    "registered_rules",
     "rule_for",
 ]

@@ -13,16 +13,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gradnoise.errors import BatchCouplingError, GradNoiseError, explain
-from gradnoise.layers.registry import Pieces, Request, register
+from gradnoise.layers.registry import BaseRule, Pieces, Request, register
 
 __all__ = ["EmbeddingRule"]
 
 
-class EmbeddingRule:
+class EmbeddingRule(BaseRule):
     name = "embedding"
+    intercepts = (F.embedding,)
     param_roles = ("weight",)
+    gives_input_grad = True
+    broadcasts = True  # a (1, T) position index shared by the batch (GPT-2, BERT)
 
     def bind(
         self,
@@ -44,7 +48,7 @@ class EmbeddingRule:
             "sparse": sparse,
         }
 
-    def check(self, bound: dict[str, Any]) -> None:
+    def check(self, bound: dict[str, Any], roles) -> None:
         if bound["scale_grad_by_freq"]:
             raise BatchCouplingError(
                 explain(
@@ -64,10 +68,18 @@ class EmbeddingRule:
                 )
             )
 
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
         return F.embedding(**bound)
 
-    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> None:
+    def contract_cases(self):
+        table = nn.Embedding(7, 3, padding_idx=2).double()
+        tokens = torch.randint(0, 7, (5, 6))
+        return [
+            ("embedding", table, (tokens,)),
+            ("embedding, (1, T) positions", _TokensPlusPositions(), (tokens,)),
+        ]
+
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()) -> None:
         return None  # indices have no gradient
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
@@ -99,4 +111,18 @@ class EmbeddingRule:
         return {"weight": Pieces(grad, sq_norms, elem_sq, None, "segment")}
 
 
-register(EmbeddingRule(), F.embedding)
+
+
+class _TokensPlusPositions(nn.Module):
+    """Token embeddings plus position embeddings looked up with a ``(1, T)`` index (GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(7, 3).double(), nn.Embedding(6, 3).double()
+
+    def forward(self, tokens):
+        index = torch.arange(tokens.shape[1]).unsqueeze(0)
+        return self.tokens(tokens) + self.positions(index)
+
+
+register(EmbeddingRule())

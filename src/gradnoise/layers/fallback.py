@@ -7,7 +7,8 @@ the vector-Jacobian product of the module alone, example by example:
 
 computed as ``vmap(grad(<m(x_i), g_i>))`` over the batch, with the module re-run on single
 examples (a batch of one each). Modules that ``vmap`` cannot batch (recurrent layers, whose
-kernels write into their inputs) are re-run in a plain loop over the examples instead. Either way
+kernels write into their inputs) are re-run in a plain loop over the examples instead, as the plan
+decided by their type. Either way
 it costs a second forward and backward of the module and materializes its per-example gradients,
 so it is the last resort, reported as ``"fallback"``. The module must be deterministic:
 randomness (dropout in training mode) would differ between the batched and per-example runs.
@@ -27,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.layers.plan import HookedModule
 
 __all__ = ["batched_outputs", "per_example_grads"]
 
@@ -38,39 +40,38 @@ def batched_outputs(output: Any, batch: int) -> list[int]:
 
 
 def per_example_grads(
-    module: nn.Module,
-    module_name: str,
+    hooked: HookedModule,
     params: dict[str, torch.Tensor],
     inputs: tuple[tuple, dict],
     positions: list[int],
     grad_outputs: Sequence[torch.Tensor],
     batch: int,
-) -> tuple[dict[str, torch.Tensor], str]:
+) -> dict[str, torch.Tensor]:
     """Per-example gradients ``(B, *shape)`` of ``params`` (local names) of one module call.
 
-    Returns the gradients and the strategy used (``"vmap"`` or ``"loop"``).
+    The other parameters of the module stay as they are (constants here); the strategy, ``vmap``
+    or ``loop``, was fixed by the plan (:func:`gradnoise.layers.plan.fallback_strategy`).
     """
+    module = hooked.module
     flat, spec = tree_flatten(inputs)
     dims = [0 if _is_batched(item, batch) else None for item in flat]
 
     def inner_product(local_params, flat_inputs, cotangents):
         batched = [x.unsqueeze(0) if d == 0 else x for x, d in zip(flat_inputs, dims, strict=True)]
         args, kwargs = tree_unflatten(batched, spec)
-        leaves, _ = tree_flatten(functional_call(module, local_params, args, kwargs))
+        leaves, _ = tree_flatten(functional_call(module, local_params, args, kwargs, strict=False))
         picked = [leaves[i] for i in positions]
         return sum((y * c.unsqueeze(0)).sum() for y, c in zip(picked, cotangents, strict=True))
 
     detached = {name: p.detach() for name, p in params.items()}
     cotangents = list(grad_outputs)
-    try:
-        return vmap(grad(inner_product), in_dims=(None, dims, 0))(
-            detached, flat, cotangents
-        ), "vmap"
-    except RuntimeError as error:
-        if "randomness" in str(error):
-            raise _random_module_error(module, module_name) from error
-    except ValueError:
-        pass  # vmap cannot batch this module: fall through to the loop
+    if hooked.strategy == "vmap":
+        try:
+            return vmap(grad(inner_product), in_dims=(None, dims, 0))(detached, flat, cotangents)
+        except RuntimeError as error:
+            if "randomness" in str(error):
+                raise _random_module_error(module, hooked.name) from error
+            raise
     per_example = [
         grad(inner_product)(
             detached,
@@ -79,7 +80,7 @@ def per_example_grads(
         )
         for i in range(batch)
     ]
-    return {name: torch.stack([g[name] for g in per_example]) for name in detached}, "loop"
+    return {name: torch.stack([g[name] for g in per_example]) for name in detached}
 
 
 def _random_module_error(module: nn.Module, module_name: str) -> GradNoiseError:

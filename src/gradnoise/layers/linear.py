@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.layers.registry import (
     BaseRule,
     Pieces,
@@ -31,7 +33,7 @@ from gradnoise.layers.registry import (
     register,
 )
 
-__all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "LinearRule", "choose_method"]
+__all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "AddmmRule", "LinearRule", "choose_method"]
 
 # Multiply-adds that one pass over one element of the materialized per-example gradients is
 # worth, times the passes bmm makes (sum, squared norm). Memory-bound passes cost tens of
@@ -54,15 +56,25 @@ def choose_method(batch: int, seq: int, d_in: int, d_out: int, request: Request)
 
 class LinearRule(BaseRule):
     name = "linear"
+    intercepts = (F.linear,)
     param_roles = ("weight", "bias")
+    gives_input_grad = True
+    broadcasts = True
 
     def bind(self, input, weight, bias=None) -> dict[str, Any]:
         return {"input": input, "weight": weight, "bias": bias}
 
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
         return F.linear(bound["input"], bound["weight"], bound["bias"])
 
-    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
+    def contract_cases(self):
+        return [
+            ("linear (B, d)", nn.Linear(4, 3).double(), (torch.randn(5, 4).double(),)),
+            ("linear (B, T, d)", nn.Linear(4, 3).double(), (torch.randn(5, 6, 4).double(),)),
+            ("linear, no bias", nn.Linear(4, 3, bias=False).double(), (torch.randn(5, 2, 4).double(),)),
+        ]
+
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()) -> torch.Tensor:
         return grad_output @ bound["weight"]
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
@@ -140,4 +152,103 @@ def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
     )
 
 
-register(LinearRule(), F.linear)
+
+
+class AddmmRule(BaseRule):
+    r"""``torch.addmm(bias, rows, weight)`` as transformers' ``Conv1D`` calls it.
+
+    ``Conv1D`` flattens ``(B, T, d_in)`` to ``(B T, d_in)`` rows and computes
+    ``beta * bias + alpha * rows @ weight`` with a ``(d_in, d_out)`` weight: the Linear rule on
+    ``(B, T, d_in)`` with the weight transposed. The rows must be the batch's, example-major
+    (what ``x.view(-1, d)`` of a batch-first tensor gives), so their count is a multiple of the
+    block's batch size, which an earlier batched layer must have fixed (an embedding, usually).
+    """
+
+    name = "addmm"
+    intercepts = (torch.addmm, torch._C.TensorBase.addmm)
+    param_roles = ("input", "mat2")
+    batched_input = "mat1"
+    gives_input_grad = True
+
+    def bind(self, input, mat1, mat2, *, beta=1, alpha=1) -> dict[str, Any]:
+        return {"input": input, "mat1": mat1, "mat2": mat2, "beta": beta, "alpha": alpha}
+
+    def count_examples(self, bound, roles, batch: int | None) -> int:
+        rows = bound["mat1"].shape[0]
+        if batch is None or rows % batch:
+            raise GradNoiseError(
+                explain(
+                    "torch.addmm on a tracked weight (transformers' Conv1D)",
+                    expected="rows of a known batch: a multiple of the batch size, set by an "
+                    "earlier layer"
+                    + ("" if batch is None else f" ({batch})"),
+                    got=f"{rows} rows" + (" before any batched layer" if batch is None else ""),
+                    fix="run a layer on the (B, ...) batch first (an embedding or nn.Linear), or "
+                    "use nn.Linear on batch-first inputs",
+                )
+            )
+        return batch
+
+    def check(self, bound, roles) -> None:
+        bias = bound["input"]
+        if "input" in roles and bias.dim() != 1:
+            raise GradNoiseError(
+                explain(
+                    "torch.addmm(bias, rows, weight)",
+                    expected="a 1-d bias broadcast over the rows",
+                    got=f"a tracked tensor of shape {tuple(bias.shape)} as the added term",
+                    fix="add per-row terms outside addmm",
+                )
+            )
+
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
+        return torch.addmm(**bound)
+
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()) -> torch.Tensor:
+        return (grad_output @ bound["mat2"].T) * bound["alpha"]
+
+    def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
+        batch = request.batch
+        acts = bound["mat1"].reshape(batch, -1, bound["mat1"].shape[-1])
+        grads = grad_output.reshape(batch, -1, grad_output.shape[-1])
+        pieces = {}
+        if "mat2" in roles:
+            scaled = grads * bound["alpha"] if bound["alpha"] != 1 else grads
+            pieces["mat2"] = _transposed(_weight_pieces(acts, scaled, request, None))
+        if "input" in roles:
+            scaled = grads * bound["beta"] if bound["beta"] != 1 else grads
+            pieces["input"] = pieces_from_per_example(scaled.sum(1), request, "product")
+        return pieces
+
+    def contract_cases(self):
+        return [("addmm Conv1D", _Conv1D(4, 3), (torch.randn(5, 6, 4).double(),))]
+
+
+def _transposed(pieces: Pieces) -> Pieces:
+    """Pieces of ``W^T`` from those of ``W`` (a (d_out, d_in) layout turned into (d_in, d_out))."""
+    recompute = pieces.recompute
+    return Pieces(
+        grad=pieces.grad.T,
+        sq_norms=pieces.sq_norms,
+        elem_sq=None if pieces.elem_sq is None else pieces.elem_sq.T,
+        per_example=None if pieces.per_example is None else pieces.per_example.mT,
+        method=pieces.method,
+        recompute=None if recompute is None else (lambda: recompute().T),
+    )
+
+
+class _Conv1D(nn.Module):
+    """transformers' ``Conv1D`` (a linear layer with a (d_in, d_out) weight), for the contract."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(d_out, dtype=torch.float64))
+
+    def forward(self, x):
+        rows = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return rows.view(*x.shape[:-1], -1)
+
+
+register(LinearRule())
+register(AddmmRule())

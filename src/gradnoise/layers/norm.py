@@ -1,4 +1,5 @@
-r"""Normalization layers: ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm``.
+r"""Normalization layers: ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm``, and ``F.batch_norm``
+with running statistics (eval mode: a fixed per-channel affine map of each example).
 
 With :math:`\hat x` the normalized input before the affine transform, the per-example gradients
 are reductions over the positions of one example:
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gradnoise.layers.registry import (
     BaseRule,
@@ -64,6 +66,12 @@ def _group_norm_args(input, num_groups, weight=None, bias=None, eps=1e-5):
     return locals()
 
 
+def _batch_norm_args(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    return locals()
+
+
 class AffineNormRule(BaseRule):
     """A normalization followed by an elementwise affine map; ``x_hat`` is the op without it.
 
@@ -71,15 +79,19 @@ class AffineNormRule(BaseRule):
     channel dim 1 (group norm, ``channel_first=True``).
     """
 
-    def __init__(self, name, function, binder, param_roles, *, channel_first=False) -> None:
+    def __init__(self, name, function, binder, param_roles, cases, *, channel_first=False):
         self.name, self.function, self.param_roles = name, function, param_roles
-        self._binder, self._channel_first = binder, channel_first
+        self.intercepts = (function,)
+        self._binder, self._channel_first, self._cases = binder, channel_first, cases
 
     def bind(self, *args, **kwargs) -> dict[str, Any]:
         return self._binder(*args, **kwargs)
 
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
         return self.function(**bound)
+
+    def contract_cases(self):
+        return [(label, build().double(), (torch.randn(*shape).double(),)) for label, build, shape in self._cases]
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         normalized = self.function(**{**bound, **dict.fromkeys(self.param_roles)})
@@ -89,13 +101,50 @@ class AffineNormRule(BaseRule):
         return _affine_pieces(normalized, grad_output, dims, None, roles, request)
 
 
-register(
-    AffineNormRule("layer_norm", F.layer_norm, _layer_norm_args, ("weight", "bias")), F.layer_norm
-)
-register(AffineNormRule("rms_norm", F.rms_norm, _rms_norm_args, ("weight",)), F.rms_norm)
+def _eval_batch_norm(channels: int) -> nn.Module:
+    norm = nn.BatchNorm2d(channels)
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    return norm.eval()
+
+
 register(
     AffineNormRule(
-        "group_norm", F.group_norm, _group_norm_args, ("weight", "bias"), channel_first=True
-    ),
-    F.group_norm,
+        "layer_norm",
+        F.layer_norm,
+        _layer_norm_args,
+        ("weight", "bias"),
+        [
+            ("layer_norm", lambda: nn.LayerNorm(4), (5, 3, 4)),
+            ("layer_norm 2-d", lambda: nn.LayerNorm((3, 4)), (5, 3, 4)),
+        ],
+    )
+)
+register(
+    AffineNormRule(
+        "rms_norm", F.rms_norm, _rms_norm_args, ("weight",), [("rms_norm", lambda: nn.RMSNorm(4), (5, 3, 4))]
+    )
+)
+register(
+    AffineNormRule(
+        "group_norm",
+        F.group_norm,
+        _group_norm_args,
+        ("weight", "bias"),
+        [("group_norm", lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3))],
+        channel_first=True,
+    )
+)
+register(
+    AffineNormRule(
+        "batch_norm (running statistics)",
+        F.batch_norm,
+        _batch_norm_args,
+        ("weight", "bias"),
+        [
+            ("batch_norm eval 2-d", lambda: _eval_batch_norm(3), (5, 3, 4, 4)),
+            ("batch_norm eval 1-d", lambda: nn.BatchNorm1d(3).eval(), (5, 3)),
+        ],
+        channel_first=True,
+    )
 )

@@ -1,14 +1,16 @@
-"""Coverage plan: which parameter is measured by which rule, which by the fallback, and why.
+"""The plan built once per ``GradStats``: which parameters are tracked, and where a fallback may run.
 
-Every trainable parameter gets exactly one owner, decided before anything runs:
+Every trainable parameter is tracked at the level of torch functions: wherever the model calls a
+function a rule intercepts (``F.linear``, ``torch.addmm``, ``weight * x``, ...) on it, that rule
+measures the use, whichever module makes the call (tied weights, a custom module calling
+``F.linear`` on its own weight, a bare parameter on the root module). A use no rule takes (an op
+without a rule, or one its rule declines) is *opaque*; the engine then measures that parameter by
+the ``torch.func`` fallback over the innermost running module that holds it. To find that module
+the plan lists the modules that own parameters (and the root), with the parameters of each
+subtree, and fixes each one's fallback strategy by type: ``loop`` for recurrent layers, whose
+kernels ``vmap`` cannot batch, ``vmap`` for every other module.
 
-* parameters of :data:`RULED_MODULES` (and their subclasses) are measured where their functional
-  op is called (``F.linear`` for ``nn.Linear`` ...), which also covers tied weights used by
-  several modules and weights passed to those ops directly;
-* every other module owning parameters goes to the ``torch.func`` fallback (``fallback="vmap"``)
-  or is refused (``fallback="error"``); for :data:`SUBTREE_FALLBACK` modules, which call their
-  children's weights functionally in another layout, the fallback takes the whole subtree;
-* frozen parameters (``requires_grad=False``) are listed as skipped.
+Frozen parameters (``requires_grad=False``) are listed as skipped.
 """
 
 from __future__ import annotations
@@ -17,44 +19,42 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, UnsupportedModuleError, explain
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.layers.validate import check_module
 
-__all__ = ["RULED_MODULES", "SUBTREE_FALLBACK", "FallbackModule", "Plan", "plan_coverage"]
+__all__ = ["LOOP_MODULES", "HookedModule", "Plan", "fallback_strategy", "plan_coverage"]
 
-RULED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Embedding,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-SUBTREE_FALLBACK: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+# Modules whose per-example gradients the fallback computes in a loop over the examples.
+LOOP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+
+
+def fallback_strategy(module: nn.Module) -> str:
+    """``"loop"`` for :data:`LOOP_MODULES`, else ``"vmap"``."""
+    return "loop" if isinstance(module, LOOP_MODULES) else "vmap"
 
 
 @dataclass
-class FallbackModule:
-    """A module measured by the fallback, with its parameters (local name -> global name)."""
+class HookedModule:
+    """A module that may host a fallback: its name, its subtree's tracked parameters, strategy."""
 
     name: str
     module: nn.Module
-    params: dict[str, str]
+    subtree: dict[int, str]  # id(param) -> local name inside the module
+    strategy: str
 
 
 @dataclass
 class Plan:
     names: dict[int, str] = field(default_factory=dict)  # id(param) -> first name
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # trainable, by name
-    rule_params: set[int] = field(default_factory=set)  # ids measured by op rules
-    fallback: list[FallbackModule] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    hooked: list[HookedModule] = field(default_factory=list)  # root first
+    fallback: str = "vmap"  # or "error": refuse opaque uses
 
 
 def plan_coverage(model: nn.Module, fallback: str) -> Plan:
-    """Assign every trainable parameter of ``model`` an owner (see the module docstring)."""
-    plan = Plan()
+    """Track every trainable parameter of ``model`` (see the module docstring)."""
+    plan = Plan(fallback=fallback)
     for name, param in model.named_parameters():
         if param.requires_grad:
             plan.names[id(param)] = name
@@ -70,33 +70,16 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
                 fix="pass the module you train, or unfreeze its parameters",
             )
         )
-    claimed: set[int] = set()
     for module_name, module in model.named_modules():
         check_module(module_name, module)
-        _assign(plan, claimed, module_name, module)
-    unsupported = [f"{m.name or '<root>'} ({type(m.module).__name__})" for m in plan.fallback]
-    if fallback == "error" and unsupported:
-        raise UnsupportedModuleError(
-            explain(
-                "GradStats(fallback='error')",
-                expected="only modules with per-layer rules (Linear, Conv1d/2d, Embedding, norms)",
-                got="modules without a rule: " + ", ".join(unsupported),
-                fix="use fallback='vmap' to measure them with torch.func, or freeze their "
-                "parameters",
-            )
-        )
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        if owns or module is model:
+            plan.hooked.append(_hooked(plan, module_name, module))
     return plan
 
 
-def _assign(plan: Plan, claimed: set[int], module_name: str, module: nn.Module) -> None:
-    whole_subtree = isinstance(module, SUBTREE_FALLBACK)
-    owned = module.named_parameters(recurse=whole_subtree)
-    fresh = {local: p for local, p in owned if id(p) in plan.names and id(p) not in claimed}
-    if not fresh:
-        return
-    claimed.update(id(p) for p in fresh.values())
-    if isinstance(module, RULED_MODULES) and not whole_subtree:
-        plan.rule_params.update(id(p) for p in fresh.values())
-        return
-    params = {local: plan.names[id(p)] for local, p in fresh.items()}
-    plan.fallback.append(FallbackModule(module_name, module, params))
+def _hooked(plan: Plan, name: str, module: nn.Module) -> HookedModule:
+    subtree = {
+        id(p): local for local, p in module.named_parameters() if id(p) in plan.names
+    }
+    return HookedModule(name, module, subtree, fallback_strategy(module))

@@ -1,15 +1,26 @@
 """The rule registry: which functional ops gradnoise measures, and the records rules exchange.
 
-A *rule* handles one family of functional ops (``F.linear``, ``F.conv2d``, ...). The engine calls
-the op itself with the tracked parameters detached, so autograd computes only the gradient of the
-input; in backward the rule gets the op's arguments and the output gradient and returns, for each
+A *rule* handles one family of torch functions (``F.linear``, ``torch.addmm``, ``Tensor.mul``...)
+and is declared **once**: the class states what it intercepts, which arguments may hold tracked
+parameters, which argument carries the batch, and what it can do; ``register(rule)`` routes the
+functions it intercepts. Nothing else lists rules: coverage is derived from which rule ran.
+
+The engine calls the op itself with the tracked parameters detached, so autograd computes only the
+gradient of the input; in backward the rule gets the call's bound arguments and the output
+gradient (batch on dim 0, broadcast inputs already expanded to the batch) and returns, for each
 parameter role ("weight", "bias"), the summed gradient that autograd would have produced plus the
 per-example pieces: squared norms, and on request elementwise squares or whole per-example
 gradients. Computing the summed gradient from the same data as the pieces is what keeps the cost
 close to a plain backward.
 
+Adding a rule is one file with one class and one ``register(...)`` line, imported from
+``gradnoise/layers/__init__.py``; ``tests/engine/test_rule_contract.py`` runs every registered rule
+against the per-example reference loop by itself, on the small models its ``contract_cases()``
+builds.
+
 Gradient scale: rules work in the scale autograd hands them (a mean-reduced loss makes every
-output gradient carry a 1/B); the engine rescales per the declared loss reduction.
+output gradient carry a 1/B); the engine rescales per the declared loss reduction. Dtype: rules
+get float32 (or float64) tensors; the engine upcasts half-precision data before calling them.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ __all__ = [
     "batched_sq_norms",
     "pieces_from_per_example",
     "register",
+    "registered_rules",
     "rule_for",
     "sq_norm",
 ]
@@ -39,6 +51,7 @@ class Request:
 
     elementwise: bool = False
     materialize: bool = False  # whole per-example gradients, for parameters used more than once
+    batch: int | None = None  # examples in the block, for rules whose rows are not the batch
 
 
 @dataclass
@@ -98,19 +111,56 @@ def pieces_from_per_example(per_example: torch.Tensor, request: Request, method:
 
 
 class Rule(Protocol):
-    """One family of functional ops (see the module docstring)."""
+    """One family of torch functions, declared once (see the module docstring).
+
+    Declarations (class attributes):
+
+    * ``name``: shown in errors; ``intercepts``: the torch functions routed to the rule, as a
+      ``TorchFunctionMode`` sees them (``F.linear``, ``torch._C.TensorBase.mul``, ...);
+    * ``param_roles``: bound arguments that may hold tracked parameters;
+    * ``batched_input``: the bound argument that carries the examples on dim 0 (the engine checks
+      its size against the batch, and expands it when it is broadcast over the batch);
+    * ``gives_input_grad``: the rule also computes the input gradient (:meth:`input_grad`), so
+      the op runs as one autograd node; otherwise the engine attaches its backward to the op's
+      output;
+    * ``broadcasts``: an input with dim 0 of size 1 may be broadcast over a batch (a ``(1, T)``
+      position index): the engine expands the output to the batch, so the output gradient keeps
+      every example's rows.
+    """
 
     name: str
+    intercepts: tuple[Callable[..., Any], ...]
     param_roles: tuple[str, ...]
+    batched_input: str
+    gives_input_grad: bool
+    broadcasts: bool
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Name every argument of the functional call, defaults filled in."""
 
-    def check(self, bound: dict[str, Any]) -> None:
+    def batched_arg(self, roles: tuple[str, ...]) -> str | None:
+        """The bound argument with the examples, given which roles hold tracked parameters."""
+
+    def count_examples(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> int:
+        """How many examples this call sees (``batch``: the block's, if known already)."""
+
+    def check(self, bound: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Raise a clear error for calls the rule cannot measure (before anything runs)."""
 
-    def call(self, func: Callable[..., Any], bound: dict[str, Any]) -> torch.Tensor:
+    def contract_cases(self) -> list[tuple[str, Any, tuple[torch.Tensor, ...]]]:
+        """``(label, module, inputs)`` in float64 whose forward calls the rule's functions on the
+        module's own parameters; the contract test checks each against the reference loop."""
+
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
         """Run the op (the engine has already replaced tracked parameters with detached ones)."""
+
+    def applies(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> bool:
+        """Whether this call is the rule's to measure; a use it declines goes to the fallback."""
+
+    def input_grad(
+        self, bound: dict[str, Any], grad_output: torch.Tensor, roles: tuple[str, ...]
+    ) -> torch.Tensor | None:
+        """The gradient of the batched argument (only when ``gives_input_grad``)."""
 
     def backward(
         self,
@@ -123,9 +173,23 @@ class Rule(Protocol):
 
 
 class BaseRule:
-    """Defaults shared by the rules: no extra argument checks."""
+    """Defaults of the declarations: the batch on dim 0 of ``input``, no extra checks."""
 
-    def check(self, bound: dict[str, Any]) -> None:
+    batched_input = "input"
+    gives_input_grad = False
+    broadcasts = False
+
+    def batched_arg(self, roles: tuple[str, ...]) -> str | None:
+        return self.batched_input
+
+    def applies(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> bool:
+        return True
+
+    def count_examples(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> int:
+        tensor = bound[self.batched_arg(roles)]
+        return tensor.shape[0] if tensor.dim() > 0 else 0
+
+    def check(self, bound: dict[str, Any], roles: tuple[str, ...]) -> None:
         """Accept every call; rules with unmeasurable options override this."""
 
 
@@ -133,8 +197,13 @@ _RULES: dict[Callable[..., Any], Rule] = {}
 
 
 def register(rule: Rule, *functions: Callable[..., Any]) -> Rule:
-    """Route calls of ``functions`` (as seen by a TorchFunctionMode) to ``rule``."""
-    for function in functions:
+    """Route calls of ``rule.intercepts`` (or of ``functions``, which then become its
+    ``intercepts``) to ``rule``, as a TorchFunctionMode sees them."""
+    if functions:
+        rule.intercepts = tuple(functions)
+    for function in rule.intercepts:
+        if function in _RULES and _RULES[function] is not rule:
+            raise ValueError(f"{function} is already handled by rule {_RULES[function].name!r}")
         _RULES[function] = rule
     return rule
 
@@ -142,3 +211,8 @@ def register(rule: Rule, *functions: Callable[..., Any]) -> Rule:
 def rule_for(function: Callable[..., Any]) -> Rule | None:
     """The rule registered for a torch function, or None."""
     return _RULES.get(function)
+
+
+def registered_rules() -> list[Rule]:
+    """Every registered rule, once each, in registration order."""
+    return list(dict.fromkeys(_RULES.values()))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gradnoise.layers.plan import FallbackModule
+from gradnoise.layers.plan import HookedModule
 from gradnoise.layers.registry import Rule
 
 __all__ = ["Attach", "Call", "Fused", "RuleMode", "Tap"]
@@ -30,10 +30,48 @@ class Call:
 
     names: dict[str, str]  # role or local name -> parameter name
     rule: Rule | None = None
-    bound: dict[str, Any] = field(default_factory=dict)
-    owner: FallbackModule | None = None
+    bound: dict[str, Any] = field(default_factory=dict)  # tracked parameters detached
+    batched: str | None = None  # the bound argument with the examples
+    broadcast: bool = False  # that argument has dim 0 of size 1, broadcast over the batch
+    owner: HookedModule | None = None
     inputs: tuple[tuple, dict] | None = None
     positions: list[int] = field(default_factory=list)
+    discarded: set[str] = field(default_factory=set)  # roles left to an enclosing fallback
+    out_dtype: torch.dtype | None = None
+
+
+def _cast_floats(bound: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        key: value.to(dtype)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype
+        else value
+        for key, value in bound.items()
+    }
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-example pieces are computed in float32 when the op ran in half precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pieces_backward(recorder, call: Call, grad_output: torch.Tensor) -> list[torch.Tensor]:
+    """The rule's pieces, from the call's data upcast and broadcast inputs expanded to the batch."""
+    dtype = stats_dtype(call.out_dtype)
+    bound = _cast_floats(call.bound, dtype)
+    if call.broadcast:
+        batched = bound[call.batched]
+        bound[call.batched] = batched.expand(recorder.batch, *batched.shape[1:])
+    pieces = recorder.rule_backward(call, bound, grad_output.to(dtype))
+    return [
+        pieces[role].grad.to(call.bound[role].dtype) for role in call.names
+    ]
+
+
+def _expand_output(recorder, call: Call, output: torch.Tensor) -> torch.Tensor:
+    call.out_dtype = output.dtype
+    if not call.broadcast:
+        return output
+    return output.expand(recorder.batch, *output.shape[1:])
 
 
 class Attach(torch.autograd.Function):
@@ -42,12 +80,15 @@ class Attach(torch.autograd.Function):
     @staticmethod
     def forward(ctx, recorder, call, output, *params):
         ctx.recorder, ctx.call = recorder, call
-        return output.clone()  # a fresh tensor, so later in-place ops on it stay legal
+        # a fresh tensor, so later in-place ops on it stay legal
+        return _expand_output(recorder, call, output).clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        with _unwatched():
-            grads = ctx.recorder.rule_backward(ctx.call, grad_output)
+        with _unwatched(), _no_autocast(grad_output.device):
+            grads = _pieces_backward(ctx.recorder, ctx.call, grad_output)
+        if ctx.call.broadcast:
+            grad_output = grad_output.sum(0, keepdim=True)
         return (None, None, grad_output, *grads)
 
 
@@ -55,19 +96,36 @@ class Fused(torch.autograd.Function):
     """The op itself, for rules that also give the input gradient: no clone, no second node."""
 
     @staticmethod
-    def forward(ctx, recorder, call, func, input, *params):
+    def forward(ctx, recorder, call, batched_input, *params):
         ctx.recorder, ctx.call = recorder, call
         with _unwatched():
-            return call.rule.call(func, call.bound)
+            return _expand_output(recorder, call, call.rule.call(call.bound))
 
     @staticmethod
     def backward(ctx, grad_output):
-        with _unwatched():
-            grads = ctx.recorder.rule_backward(ctx.call, grad_output)
+        call = ctx.call
+        with _unwatched(), _no_autocast(grad_output.device):
+            grads = _pieces_backward(ctx.recorder, call, grad_output)
             grad_input = None
-            if ctx.needs_input_grad[3]:
-                grad_input = ctx.call.rule.input_grad(ctx.call.bound, grad_output)
-        return (None, None, None, grad_input, *grads)
+            if ctx.needs_input_grad[2]:
+                grad_input = _input_grad(call, grad_output)
+        return (None, None, grad_input, *grads)
+
+
+def _input_grad(call: Call, grad_output: torch.Tensor) -> torch.Tensor:
+    """The batched input's gradient, computed in the dtype the op ran in (as autocast does)."""
+    batched = call.bound[call.batched]
+    bound = _cast_floats(call.bound, call.out_dtype)
+    grad = call.rule.input_grad(bound, grad_output.to(call.out_dtype), tuple(call.names))
+    if call.broadcast:
+        grad = grad.sum(0, keepdim=True)
+    return grad.to(batched.dtype)
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """The rules' backward runs in the dtypes it chooses, even if backward is called under
+    autocast."""
+    return torch.autocast(device.type, enabled=False)
 
 
 class Tap(torch.autograd.Function):

@@ -1,43 +1,70 @@
 """What one ``with GradStats(...)`` block records: the capture half of the engine.
 
-A :class:`Recorder` lives for one block. While installed, a ``TorchFunctionMode`` routes every
-ruled op on a tracked parameter (``F.linear``, ``F.conv2d``, ``F.embedding``, norms) through an
-autograd function whose backward asks the rule for the parameter's gradient *and* its per-example
-pieces (:class:`Fused` when the rule also gives the input gradient, else :class:`Attach`);
-fallback modules get forward hooks and a :class:`Tap` on their outputs. Each parameter's gradient
-hook then compares autograd's gradient with the sum of the measured per-example gradients, so a
-use the engine did not see (``x @ W.T`` on a tracked weight, a regularizer in the loss) is
-reported instead of folded silently into wrong statistics.
+A :class:`Recorder` lives for one block, and every piece of per-call state lives on it (nothing is
+written onto user modules). While installed, a ``TorchFunctionMode`` sees every torch function:
+
+* a call a rule intercepts and accepts, on a tracked parameter, runs through an autograd function
+  whose backward asks the rule for the parameter's gradient *and* its per-example pieces
+  (:class:`Fused` when the rule also gives the input gradient, else :class:`Attach`);
+* any other differentiable use of a tracked parameter is *opaque*: the innermost running module
+  that holds the parameter is marked, and when its forward returns, a :class:`Tap` on its outputs
+  measures that parameter by the ``torch.func`` fallback (earlier rule uses of it inside that call
+  are then left to the fallback, which sees them too);
+* dtype casts of a tracked parameter (``weight.to(x.dtype)``) are followed, so the cast tensor is
+  measured as the parameter.
+
+Each parameter's gradient hook then compares autograd's gradient with the sum of the measured
+per-example gradients, so a use the engine did not see (a regularizer in the loss) is reported
+instead of folded silently into wrong statistics.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from gradnoise.errors import GradNoiseError, NotReadyError, explain
+from gradnoise.errors import GradNoiseError, NotReadyError, UnsupportedModuleError, explain
 from gradnoise.layers import fallback as fallback_rule
-from gradnoise.layers.plan import FallbackModule, Plan
-from gradnoise.layers.registry import Pieces, Request, rule_for, sq_norm
+from gradnoise.layers.plan import HookedModule, Plan
+from gradnoise.layers.registry import Pieces, Request, Rule, rule_for, sq_norm
 from gradnoise.layers.validate import check_batch_norm_call
 from gradnoise.stats.accumulate import Accumulator, check_residual
 from gradnoise.stats.autograd import Attach, Call, Fused, RuleMode, Tap
 
 __all__ = ["Recorder"]
 
+_TensorBase = torch._C.TensorBase
+_CASTS = frozenset(
+    {_TensorBase.to, _TensorBase.float, _TensorBase.half, _TensorBase.bfloat16, _TensorBase.type_as}
+)
+
+
+@dataclass
+class Frame:
+    """One running call of a hooked module: its inputs, and the opaque uses seen inside it."""
+
+    hooked: HookedModule
+    inputs: tuple[tuple, dict]
+    first_call: int  # index into Recorder.calls where this module call began
+    opaque: dict[int, str] = field(default_factory=dict)  # id(param) -> parameter name
+
 
 class Recorder:
-    """Per-block capture state: uses, accumulated pieces, residual norms, batch size."""
+    """Per-block capture state: calls, frames, accumulated pieces, residual norms, batch size."""
 
     def __init__(self, plan: Plan, *, elementwise: bool) -> None:
         self.plan = plan
         self.elementwise = elementwise
         self.batch: int | None = None
         self.uses: Counter[str] = Counter()
+        self.calls: list[Call] = []
+        self.frames: list[Frame] = []
+        self.aliases: dict[int, tuple[str, torch.Tensor]] = {}  # id(cast tensor) -> (name, it)
         self.acc: dict[str, Accumulator] = {}
         self.residuals: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.backward_started = False
@@ -47,14 +74,13 @@ class Recorder:
         self._mode: RuleMode | None = None
 
     def install(self) -> None:
-        """Register the gradient hooks, the fallback hooks and the function mode."""
+        """Register the gradient hooks, the module hooks and the function mode."""
         for name, param in self.plan.params.items():
             self._handles.append(param.register_hook(self._grad_hook(name)))
-        for owner in self.plan.fallback:
-            pre_hook = self._fallback_pre_hook(owner)
-            module = owner.module
+        for hooked in self.plan.hooked:
+            module = hooked.module
+            pre_hook, post_hook = self._module_hooks(hooked)
             self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            post_hook = self._fallback_post_hook()
             self._handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
         self._mode = RuleMode(self)
         self._mode.__enter__()
@@ -69,105 +95,189 @@ class Recorder:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+            self.aliases.clear()
+
+    @property
+    def recording(self) -> bool:
+        return not self.suspended and torch.is_grad_enabled()
 
     # ----------------------------------------------------------------------------- forward
     def dispatch(self, func, args: tuple, kwargs: dict) -> Any:
-        if self.suspended or not torch.is_grad_enabled():
+        if not self.recording:
             return func(*args, **kwargs)
         check_batch_norm_call(func, args, kwargs)
         rule = rule_for(func)
-        if rule is None:
+        if rule is not None:
+            bound = rule.bind(*args, **kwargs)
+            roles = tuple(role for role in rule.param_roles if self._name_of(bound.get(role)))
+            if roles and rule.applies(bound, roles, self.batch):
+                return self._ruled(rule, bound, roles)
+        tracked = self._tracked_in(args, kwargs)
+        if not tracked:
             return func(*args, **kwargs)
-        bound = rule.bind(*args, **kwargs)
-        roles = tuple(role for role in rule.param_roles if self._is_rule_param(bound.get(role)))
-        if not roles:
-            return func(*args, **kwargs)
-        rule.check(bound)
-        self._before_use(bound["input"], f"{rule.name} of {self.plan.names[id(bound[roles[0]])]!r}")
+        result = func(*args, **kwargs)
+        if func in _CASTS and _is_cast_of(result, args[0]) and id(args[0]) in tracked:
+            self.aliases[id(result)] = (tracked[id(args[0])], result)
+        elif _differentiable(result):
+            self._opaque(tracked, func)
+        return result
+
+    def _name_of(self, value: Any) -> str | None:
+        """The parameter name of a tracked tensor (a parameter or a cast of one), else None."""
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            return None
+        name = self.plan.names.get(id(value))
+        if name is not None and self.plan.params[name] is value:
+            return name
+        alias = self.aliases.get(id(value))
+        return alias[0] if alias is not None and alias[1] is value else None
+
+    def _tracked_in(self, args: tuple, kwargs: dict) -> dict[int, str]:
+        """Tracked tensors among the arguments (one level into lists: ``torch.cat``, ``_VF``)."""
+        found = {}
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                name = self._name_of(item)
+                if name is not None:
+                    found[id(self.plan.params[name])] = name
+        return found
+
+    def _ruled(self, rule: Rule, bound: dict, roles: tuple[str, ...]) -> torch.Tensor:
+        names = {role: self._name_of(bound[role]) for role in roles}
+        where = f"{rule.name} of {names[roles[0]]!r}"
+        self._check_not_checkpointed(where)
+        examples = rule.count_examples(bound, roles, self.batch)
+        broadcast = self._before_use(examples, where, rule.broadcasts)
+        rule.check(bound, roles)
         params = [bound[role] for role in roles]
-        detached = {**bound, **{role: bound[role].detach() for role in roles}}
         call = Call(
-            names={role: self.plan.names[id(bound[role])] for role in roles},
+            names=names,
             rule=rule,
-            bound=detached,
+            bound={**bound, **{role: bound[role].detach() for role in roles}},
+            batched=rule.batched_arg(roles),
+            broadcast=broadcast,
         )
-        self.uses.update(call.names.values())
-        if hasattr(rule, "input_grad"):
-            return Fused.apply(self, call, func, bound["input"], *params)
-        return Attach.apply(self, call, rule.call(func, detached), *params)
+        self.calls.append(call)
+        self.uses.update(names.values())
+        if rule.gives_input_grad:
+            batched = bound.get(call.batched) if call.batched else None
+            return Fused.apply(self, call, batched, *params)
+        return Attach.apply(self, call, rule.call(call.bound), *params)
 
-    def _is_rule_param(self, value: Any) -> bool:
-        return (
-            isinstance(value, torch.Tensor)
-            and id(value) in self.plan.rule_params
-            and value.requires_grad
-        )
-
-    def _before_use(self, batch_input: torch.Tensor, where: str) -> None:
+    def _before_use(self, examples: int, where: str, broadcasts: bool = False) -> bool:
+        """Check the batch size of one use; True when it is a size-1 input broadcast over it."""
         if self.backward_started:
             raise GradNoiseError(
                 explain(
                     "GradStats",
                     expected="one forward and one backward per block",
-                    got=f"a forward use of {where} after the backward pass",
-                    fix="open a new GradStats block for every batch",
+                    got=f"a forward use of {where} after the backward pass (a second forward, or "
+                    "the recomputation of torch.utils.checkpoint(use_reentrant=True))",
+                    fix="open a new GradStats block for every batch, and turn gradient "
+                    "checkpointing off while measuring",
                 )
             )
-        size = batch_input.shape[0] if batch_input.dim() > 0 else 0
         if self.batch is None:
-            self.batch = size
-        elif size != self.batch:
+            self.batch = examples
+            return False
+        if examples == self.batch:
+            return False
+        if broadcasts and examples == 1:
+            return True
+        raise GradNoiseError(
+            explain(
+                f"GradStats ({where})",
+                expected=f"examples on dim 0 of every layer input (batch size {self.batch})",
+                got=f"an input with dim 0 of size {examples}",
+                fix="keep the batch on dim 0 throughout the model (e.g. batch_first=True, no "
+                "flattening of batch and sequence into one dim before a layer); a batch of 1 "
+                "seen first must not be broadcast later",
+            )
+        )
+
+    def _check_not_checkpointed(self, where: str) -> None:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        # torch.utils.checkpoint(use_reentrant=False) packs saved tensors with these hooks; its
+        # recomputation would pair recomputed tensors with this engine's calls, so refuse it
+        qualname = getattr(hooks[0], "__qualname__", "") if hooks else ""
+        if qualname.startswith(("_checkpoint_hook", "_recomputation_hook")):
             raise GradNoiseError(
                 explain(
                     f"GradStats ({where})",
-                    expected=f"examples on dim 0 of every layer input (batch size {self.batch})",
-                    got=f"an input with dim 0 of size {size} (shape {tuple(batch_input.shape)})",
-                    fix="keep the batch on dim 0 throughout the model (e.g. batch_first=True, no "
-                    "flattening of batch and sequence into one dim before a layer)",
+                    expected="layers run without activation checkpointing inside the block",
+                    got="a call inside torch.utils.checkpoint (use_reentrant=False)",
+                    fix="turn gradient checkpointing off for measured steps (for transformers: "
+                    "model.gradient_checkpointing_disable()), or measure every k-th step "
+                    "without it",
                 )
             )
 
-    def _fallback_pre_hook(self, owner: FallbackModule):
-        def hook(module, args, kwargs):
-            if self.suspended or not torch.is_grad_enabled():
-                return None
-            first = next(
-                (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None
-            )
-            if first is None:
-                raise GradNoiseError(
-                    explain(
-                        f"fallback module {owner.name!r}",
-                        expected="a forward call with at least one tensor argument (the batch)",
-                        got="no tensor arguments",
-                        fix="pass the batch to the module's forward as a tensor",
-                    )
+    def _opaque(self, tracked: dict[int, str], func) -> None:
+        """A use no rule takes: the innermost running module holding all of it will fall back."""
+        if self.plan.fallback == "error":
+            raise UnsupportedModuleError(
+                explain(
+                    "GradStats(fallback='error')",
+                    expected="parameters used only through functions with a rule",
+                    got=f"{_func_name(func)} on {', '.join(repr(n) for n in tracked.values())}",
+                    fix="use fallback='vmap' to measure them with torch.func, or freeze them",
                 )
-            self._before_use(first, f"module {owner.name!r}")
-            module._gradnoise_pending = Call(
-                names=dict(owner.params), owner=owner, inputs=(args, kwargs)
             )
+        for frame in reversed(self.frames):
+            if all(key in frame.hooked.subtree for key in tracked):
+                frame.opaque.update(tracked)
+                return
+        # used outside every hooked module: the residual check reports it after backward
+
+    def _module_hooks(self, hooked: HookedModule):
+        def pre_hook(module, args, kwargs):
+            if self.recording:
+                self.frames.append(Frame(hooked, (args, kwargs), len(self.calls)))
+
+        def post_hook(module, args, kwargs, output):
+            if not self.recording or not self.frames or self.frames[-1].hooked is not hooked:
+                return None
+            frame = self.frames.pop()
+            if not frame.opaque:
+                return None
+            return self._fallback_call(frame, output)
+
+        return pre_hook, post_hook
+
+    def _fallback_call(self, frame: Frame, output: Any) -> Any:
+        """Tap the outputs of a module call with opaque uses; its inner calls of them are undone."""
+        names = {frame.hooked.subtree[key]: name for key, name in frame.opaque.items()}
+        tensors = [a for a in tree_flatten(frame.inputs)[0] if isinstance(a, torch.Tensor)]
+        if not tensors:
+            raise GradNoiseError(
+                explain(
+                    f"fallback module {frame.hooked.name!r}",
+                    expected="a forward call with at least one tensor argument (the batch)",
+                    got="no tensor arguments",
+                    fix="pass the batch to the module's forward as a tensor",
+                )
+            )
+        self._before_use(tensors[0].shape[0] if tensors[0].dim() else 0, f"module {frame.hooked.name!r}")
+        self._hand_over(frame.first_call, set(names.values()))
+        positions = fallback_rule.batched_outputs(output, self.batch)
+        if not positions:
             return None
+        call = Call(names=names, owner=frame.hooked, inputs=frame.inputs, positions=positions)
+        self.calls.append(call)
+        self.uses.update(names.values())
+        leaves, spec = tree_flatten(output)
+        tapped = Tap.apply(self, call, *(leaves[i] for i in positions))
+        for i, tensor in zip(positions, tapped, strict=True):
+            leaves[i] = tensor
+        return tree_unflatten(leaves, spec)
 
-        return hook
-
-    def _fallback_post_hook(self):
-        def hook(module, args, kwargs, output):
-            call = module.__dict__.pop("_gradnoise_pending", None)
-            if call is None:
-                return None
-            positions = fallback_rule.batched_outputs(output, self.batch)
-            if not positions:
-                return None
-            call.positions = positions
-            self.uses.update(call.names.values())
-            leaves, spec = tree_flatten(output)
-            tapped = Tap.apply(self, call, *(leaves[i] for i in positions))
-            for i, tensor in zip(positions, tapped, strict=True):
-                leaves[i] = tensor
-            return tree_unflatten(leaves, spec)
-
-        return hook
+    def _hand_over(self, first_call: int, names: set[str]) -> None:
+        """Leave the uses of ``names`` inside a module call to that call's fallback."""
+        for call in self.calls[first_call:]:
+            for role, name in call.names.items():
+                if name in names and role not in call.discarded:
+                    call.discarded.add(role)
+                    self.uses[name] -= 1
 
     # ----------------------------------------------------------------------------- backward
     def _on_backward(self) -> None:
@@ -188,36 +298,37 @@ class Recorder:
     def _mark_done(self) -> None:
         self.backward_done = True
 
-    def _request(self, names) -> Request:
+    def request(self, names) -> Request:
         shared = any(self.uses[name] > 1 for name in names)
-        return Request(elementwise=self.elementwise, materialize=shared)
+        return Request(elementwise=self.elementwise, materialize=shared, batch=self.batch)
 
-    def rule_backward(self, call: Call, grad_output: torch.Tensor) -> list[torch.Tensor]:
+    def rule_backward(self, call: Call, bound: dict, grad_output: torch.Tensor) -> dict:
+        """The rule's pieces for every role; the kept ones are accumulated."""
         self._on_backward()
-        roles = tuple(call.names)
-        pieces = call.rule.backward(
-            call.bound, grad_output, roles, self._request(call.names.values())
-        )
-        for role, name in call.names.items():
+        kept = {role: name for role, name in call.names.items() if role not in call.discarded}
+        pieces = call.rule.backward(bound, grad_output, tuple(call.names), self.request(kept.values()))
+        for role, name in kept.items():
             self._accumulate(name, pieces[role])
-        return [pieces[role].grad for role in roles]
+        return pieces
 
     def fallback_backward(self, call: Call, grad_outputs) -> None:
         self._on_backward()
-        owner = call.owner
-        grads = list(grad_outputs)  # autograd materializes zeros for unused outputs
-        params = {local: self.plan.params[name] for local, name in call.names.items()}
+        kept = {local: name for local, name in call.names.items() if local not in call.discarded}
+        if not kept:
+            return
+        hooked = call.owner
+        params = {local: self.plan.params[name] for local, name in kept.items()}
         self.suspended = True
         try:
-            per_example, strategy = fallback_rule.per_example_grads(
-                owner.module, owner.name, params, call.inputs, call.positions, grads, self.batch
+            per_example = fallback_rule.per_example_grads(
+                hooked, params, call.inputs, call.positions, list(grad_outputs), self.batch
             )
         finally:
             self.suspended = False
-        for local, name in call.names.items():
-            method = "fallback" if strategy == "vmap" else "fallback-loop"
-            pieces = Pieces(per_example[local].sum(0), None, None, per_example[local], method)
-            self._accumulate(name, pieces)
+        method = "fallback" if hooked.strategy == "vmap" else "fallback-loop"
+        for local, name in kept.items():
+            grads = per_example[local].float() if _is_half(per_example[local]) else per_example[local]
+            self._accumulate(name, Pieces(grads.sum(0), None, None, grads, method))
 
     def _accumulate(self, name: str, pieces: Pieces) -> None:
         if name in self.acc:
@@ -233,8 +344,8 @@ class Recorder:
                 self.residuals[name] = None
                 acc.release()
                 return None
-            measured = acc.grad if acc is not None else torch.zeros_like(grad)
-            self.residuals[name] = (sq_norm(grad - measured), sq_norm(grad))
+            measured = acc.summed_grad() if acc is not None else torch.zeros_like(grad)
+            self.residuals[name] = (sq_norm(grad.float() - measured.float()), sq_norm(grad.float()))
             return None
 
         return hook
@@ -246,10 +357,9 @@ class Recorder:
         if not pending:
             return
         stacked = torch.stack([torch.stack(r).double() for r in pending.values()]).tolist()
-        for (name, (_, total)), (residual_sq, total_sq) in zip(
-            pending.items(), stacked, strict=True
-        ):
-            check_residual(name, residual_sq, total_sq, total.dtype, self.acc.get(name))
+        for name, (residual_sq, total_sq) in zip(pending, stacked, strict=True):
+            dtype = self.plan.params[name].dtype
+            check_residual(name, residual_sq, total_sq, dtype, self.acc.get(name))
 
     def check_ready(self) -> None:
         if not self.residuals and not self.acc:
@@ -271,3 +381,25 @@ class Recorder:
                     fix="compute the loss from model(batch) inside the block",
                 )
             )
+
+
+def _differentiable(result: Any) -> bool:
+    leaves = result if isinstance(result, (list, tuple)) else (result,)
+    return any(isinstance(t, torch.Tensor) and t.grad_fn is not None for t in leaves)
+
+
+def _is_cast_of(result: Any, source: torch.Tensor) -> bool:
+    return (
+        isinstance(result, torch.Tensor)
+        and result is not source
+        and result.shape == source.shape
+        and result.grad_fn is not None
+    )
+
+
+def _is_half(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def _func_name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
