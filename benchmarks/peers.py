@@ -4,13 +4,15 @@ Every factory takes ``(model, batch, loss_fn)`` and returns ``(step, covered)``:
 forward and backward and extracts per-example squared norms (and the noise scale where the method
 gives what it needs), ``covered()`` counts the parameter tensors whose per-example statistics the
 method produced on the last step. Peers are optional: a missing one raises ImportError.
+
+``gradnoise`` and ``opacus_ghost`` also take ``on_step``: called after every step with the step's
+``GradStats`` / the Opacus-wrapped module, for benchmarks that want more than the timing (coverage,
+the norms themselves); it is meant to do its work once and return at once afterwards.
 """
 
 from __future__ import annotations
 
 import copy
-
-from gradnoise import GradStats
 
 
 def plain(model, batch, loss_fn):
@@ -21,7 +23,9 @@ def plain(model, batch, loss_fn):
     return step, lambda: 0
 
 
-def gradnoise(model, batch, loss_fn, *, elementwise=False):
+def gradnoise(model, batch, loss_fn, *, elementwise=False, on_step=None):
+    from gradnoise import GradStats
+
     last = {}
 
     def step():
@@ -32,6 +36,8 @@ def gradnoise(model, batch, loss_fn, *, elementwise=False):
         last["gns"] = stats.noise_scale()
         if elementwise:
             last["moments"] = stats.moments()
+        if on_step is not None:
+            on_step(stats)
 
     return step, lambda: len(last["norms"])
 
@@ -67,7 +73,7 @@ def backpack_variance(model, batch, loss_fn):
     return _backpack(model, batch, loss_fn, "Variance")
 
 
-def opacus_ghost(model, batch, loss_fn):
+def opacus_ghost(model, batch, loss_fn, *, on_step=None):
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
     wrapped = GradSampleModuleFastGradientClipping(
@@ -79,6 +85,8 @@ def opacus_ghost(model, batch, loss_fn):
         wrapped.zero_grad(set_to_none=True)
         loss_fn(wrapped, *batch).backward()
         last["norms"] = wrapped.get_norm_sample()
+        if on_step is not None:
+            on_step(wrapped)
 
     def covered():
         return sum(hasattr(p, "_norm_sample") for p in wrapped.parameters())

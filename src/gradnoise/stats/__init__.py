@@ -10,7 +10,7 @@ from gradnoise.stats.agreement import (
     orthogonality_test,
 )
 from gradnoise.stats.distributed import NoiseScaleHook, all_reduce_moments
-from gradnoise.stats.engine import GradStats
+from gradnoise.stats.engine import GradStats, token_mean_weights
 from gradnoise.stats.moments import GradMoments, merge_all, total_moments
 from gradnoise.stats.preconditioned import (
     adam_preconditioner,
@@ -39,6 +39,7 @@ __all__ = [
     "ExampleScores",
     "GradMoments",
     "GradStats",
+    "token_mean_weights",
     "MicroBatchNorms",
     "NoiseScale",
     "NoiseScaleEstimate",

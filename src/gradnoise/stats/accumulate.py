@@ -119,8 +119,11 @@ def check_residual(
             expected="a gradient that is the sum of the per-example gradients gradnoise measured",
             got=f"a gradient that reached it through {where} (relative difference "
             f"{residual / max(total, 1e-30):.2e}), e.g. `x @ W.T` on a tracked "
-            "weight instead of F.linear, or a regularizer added to the loss",
-            fix="use the module or F.linear/F.embedding on the parameter, and add weight decay "
-            "through the optimizer rather than the loss inside the block",
+            "weight outside any module, a regularizer added to the loss, or a forward run under "
+            "torch.no_grad() and recomputed in backward (torch.utils.checkpoint with "
+            "use_reentrant=True)",
+            fix="use the parameter inside the model's modules, add weight decay through the "
+            "optimizer rather than the loss inside the block, and turn gradient checkpointing "
+            "off for measured steps",
         )
     )

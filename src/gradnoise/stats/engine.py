@@ -9,6 +9,7 @@ asked for.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -21,9 +22,9 @@ from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
 from gradnoise.stats.recorder import Recorder
 
-__all__ = ["GradStats"]
+__all__ = ["GradStats", "token_mean_weights"]
 
-_REDUCTIONS = ("mean", "sum")
+_REDUCTIONS = ("mean", "sum", "weighted")
 _FALLBACKS = ("vmap", "error")
 
 
@@ -41,12 +42,18 @@ class GradStats:
 
     Args:
         model: the module whose parameters are measured.
-        loss_reduction: ``"mean"`` if the loss is (1/B) sum_i l_i, ``"sum"`` if it is sum_i l_i.
-            With ``"mean"`` every per-example gradient is B times what reaches the layer, a factor
-            applied to the results.
+        loss_reduction: ``"mean"`` if the loss is (1/B) sum_i l_i, ``"sum"`` if it is sum_i l_i,
+            ``"weighted"`` if it is sum_i w_i l_i with weights declared in every block by
+            :meth:`set_example_weights` (a padded token mean: ``w = token_mean_weights(labels)``
+            and l_i the sequence's own token mean). With ``"mean"`` every per-example gradient
+            is B times what reaches the layer, a factor applied to the results; in general it is
+            1 / w_i.
         elementwise: also collect ``elem_sq_sum`` (needed for elementwise variance and GSNR).
-        fallback: ``"vmap"`` measures modules without a rule with ``torch.func``; ``"error"``
-            refuses them.
+        fallback: ``"vmap"`` measures parameters that some use no rule takes with ``torch.func``
+            over the innermost module holding them; ``"error"`` refuses such uses.
+
+    A ``torch.compile``-d model may be passed (or its original module): inside the block it runs
+    eagerly, so measured steps are exact and unmeasured steps keep the compiled graph.
     """
 
     def __init__(
@@ -68,10 +75,10 @@ class GradStats:
                     fix="pass the model itself, not its parameters or output",
                 )
             )
-        self.model = model
+        self.model = _uncompiled(model)
         self.loss_reduction = loss_reduction
         self.elementwise = bool(elementwise)
-        self._plan: Plan = plan_coverage(model, fallback)
+        self._plan: Plan = plan_coverage(self.model, fallback)
         self._recorder: Recorder | None = None  # the last block's
         self._open = False
         self._checked = False
@@ -89,14 +96,23 @@ class GradStats:
                 )
             )
         self._recorder = Recorder(self._plan, elementwise=self.elementwise)
-        self._checked, self._moments = False, None
-        self._recorder.install()
+        self._checked, self._moments, self._weights = False, None, None
+        self._eager = _eager_stance()
+        self._eager.__enter__()
+        try:
+            self._recorder.install()
+        except BaseException:
+            self._eager.__exit__(None, None, None)
+            raise
         self._open = True
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._open = False
-        self._recorder.remove(*exc_info)
+        try:
+            self._recorder.remove(*exc_info)
+        finally:
+            self._eager.__exit__(*exc_info)
 
     # ----------------------------------------------------------------------------- results
     def _measured(self) -> dict[str, Accumulator]:
@@ -120,10 +136,79 @@ class GradStats:
             )
         return self._recorder
 
+    def set_example_weights(self, weights: torch.Tensor) -> None:
+        r"""Declare this block's loss as :math:`L = \sum_i w_i l_i`, ``weights`` of shape (B,).
+
+        Example i's gradient is then :math:`g_i = \nabla l_i`, ``1 / w_i`` times what reaches
+        the layers: for the padded causal-LM loss (token mean over the batch) ``weights =
+        token_mean_weights(labels)`` makes :math:`l_i` the sequence's own token mean. The
+        moments are the *effective* record of the weighted estimator
+        :math:`\hat G = \sum_i w_i g_i / W` (:math:`W = \sum_i w_i`): with
+        :math:`n_{eff} = W^2 / \sum_i w_i^2` (Kish) as ``n``, ``grad_sum`` :math:`= n_{eff}\hat G`
+        and ``sq_norm_sum`` :math:`= n_{eff}^2 \sum_i w_i^2 \|g_i\|^2 / W^2`, the standard
+        formulas of :mod:`gradnoise.stats.quantities` give the unbiased
+        :math:`\|G\|^2 = (\|\hat G\|^2 - \sum_i \tilde w_i^2 \|g_i\|^2) / (1 - \sum_i
+        \tilde w_i^2)` and :math:`\mathrm{tr}\,\Sigma` of examples drawn independently of
+        their weights. Uniform weights give exactly the ``"mean"`` results.
+        """
+        if self.loss_reduction != "weighted":
+            raise GradNoiseError(
+                explain(
+                    "GradStats.set_example_weights",
+                    expected="a GradStats built with loss_reduction='weighted'",
+                    got=f"loss_reduction={self.loss_reduction!r}",
+                    fix="construct GradStats(model, loss_reduction='weighted')",
+                )
+            )
+        if not self._open:
+            raise GradNoiseError(
+                explain(
+                    "GradStats.set_example_weights",
+                    expected="a call inside the `with` block whose loss the weights describe",
+                    got="a call outside any open block",
+                    fix="call it inside the block, once per batch",
+                )
+            )
+        self._weights = _checked_weights(weights)
+        self._moments = None
+
+    def _example_weights(self) -> torch.Tensor | None:
+        """The declared (B,) weights, checked against the batch; None unless ``"weighted"``."""
+        if self.loss_reduction != "weighted":
+            return None
+        batch = self._recorder.batch
+        if self._weights is None or self._weights.shape != (batch,):
+            raise GradNoiseError(
+                explain(
+                    "GradStats(loss_reduction='weighted')",
+                    expected=f"weights of shape ({batch},) declared in this block",
+                    got="none" if self._weights is None else f"shape {tuple(self._weights.shape)}",
+                    fix="call stats.set_example_weights(w) inside every block, e.g. "
+                    "w = token_mean_weights(labels)",
+                )
+            )
+        return self._weights
+
+    @property
+    def _count(self) -> int | float:
+        """``n`` of the records: B, or the effective number of a weighted loss."""
+        weights = self._example_weights()
+        if weights is None:
+            return self._recorder.batch
+        return float(weights.sum() ** 2 / weights.pow(2).sum())
+
     @property
     def _scale(self) -> float:
-        """Per-example gradients are ``scale`` times what reaches the layers (B for a mean)."""
-        return float(self._recorder.batch) if self.loss_reduction == "mean" else 1.0
+        """Records are ``scale`` times what reaches the layers (B for a mean, n_eff / W)."""
+        weights = self._example_weights()
+        if weights is None:
+            return float(self._recorder.batch) if self.loss_reduction == "mean" else 1.0
+        return self._count / float(weights.sum())
+
+    def _example_scale(self) -> torch.Tensor | float:
+        """Per-example gradients are this times what reaches the layers: B, 1 or 1 / w_i."""
+        weights = self._example_weights()
+        return self._scale if weights is None else 1.0 / weights
 
     @property
     def batch_size(self) -> int:
@@ -135,14 +220,15 @@ class GradStats:
         """Per-parameter :class:`GradMoments` of the per-example gradients of this batch."""
         if self._moments is None:
             self._moments = {
-                name: acc.moments(self._recorder.batch, self._scale, self.elementwise)
+                name: acc.moments(self._count, self._scale, self.elementwise)
                 for name, acc in self._measured().items()
             }
         return dict(self._moments)
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""
-        return {name: acc.sq_norms() * self._scale**2 for name, acc in self._measured().items()}
+        scale = self._example_scale()
+        return {name: acc.sq_norms() * scale**2 for name, acc in self._measured().items()}
 
     def total_sq_norms(self) -> torch.Tensor:
         """``(B,)`` squared norms of the whole-model per-example gradients."""
@@ -158,9 +244,9 @@ class GradStats:
         measured = self._measured()
         sq_norm_sum = torch.stack([acc.sq_norms().sum() for acc in measured.values()]).sum()
         sum_sq_norm = torch.stack([acc.grad_sq_norm() for acc in measured.values()]).sum()
-        _require_batch(self._recorder.batch)
+        _require_batch(self._count)
         return noise_scale_from_sums(
-            self._recorder.batch, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
+            self._count, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
         )
 
     def coverage(self) -> dict[str, str]:
@@ -183,6 +269,60 @@ class GradStats:
         for name in self._plan.frozen:
             report[name] = "skipped: frozen (requires_grad=False)"
         return report
+
+
+def _checked_weights(weights: Any) -> torch.Tensor:
+    ok = isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.is_floating_point()
+    if ok:
+        weights = weights.detach()
+        ok = bool(torch.isfinite(weights).all() and (weights > 0).all())
+    if not ok:
+        raise GradNoiseError(
+            explain(
+                "GradStats.set_example_weights",
+                expected="a 1-d floating tensor of finite, positive weights, one per example",
+                got=repr(weights) if not isinstance(weights, torch.Tensor) else
+                f"a {weights.dtype} tensor of shape {tuple(weights.shape)} with a weight <= 0 or "
+                "not finite" if weights.dim() == 1 and weights.is_floating_point() else
+                f"a {weights.dtype} tensor of shape {tuple(weights.shape)}",
+                fix="drop examples that carry no loss (fully padded rows) and pass w_i > 0, e.g. "
+                "token_mean_weights(labels)",
+            )
+        )
+    return weights
+
+
+def token_mean_weights(
+    labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True
+) -> torch.Tensor:
+    r"""Weights :math:`w_i = n_i / \sum_j n_j` of a token mean over a padded batch.
+
+    :math:`n_i` counts the tokens of sequence i that enter the loss: labels other than
+    ``ignore_index``, after the one-position shift a causal LM applies to its labels
+    (``shift=True``, as transformers' ``labels=`` does; ``shift=False`` for labels already
+    aligned with the logits). With these weights the token mean is :math:`\sum_i w_i l_i`,
+    :math:`l_i` the sequence's own token mean.
+    """
+    counted = labels[:, 1:] if shift else labels
+    tokens = (counted != ignore_index).sum(1).to(torch.float64)
+    return tokens / tokens.sum()
+
+
+def _uncompiled(model: Any) -> Any:
+    """The module a ``torch.compile(model)`` wrapper compiles (names without ``_orig_mod.``)."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+def _eager_stance():
+    """Compiled code runs eagerly inside the block, so the function mode sees every op.
+
+    ``torch.compile`` would otherwise trace the engine's Python into its graphs (graph breaks,
+    or errors from inside the model). Outside the block the compiled graphs are used as before;
+    ``set_stance`` exists from torch 2.6 on, and older versions get no change.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _require_batch(batch: int) -> None:

@@ -2,7 +2,8 @@
 
 For per-example gradients g_1, ..., g_n of one parameter (or one layer) the record holds
 
-    n             the number of examples,
+    n             the number of examples (for a weighted loss, the effective number
+                  n_eff = (sum_i w_i)^2 / sum_i w_i^2, see ``GradStats(loss_reduction="weighted")``),
     grad_sum      sum_i g_i                      (same shape as the parameter),
     sq_norm_sum   sum_i ||g_i||^2                (a 0-dim tensor),
     elem_sq_sum   sum_i g_i * g_i, elementwise   (optional, same shape as the parameter).
@@ -28,17 +29,18 @@ __all__ = ["GradMoments", "common_count", "merge_all", "total_moments"]
 class GradMoments:
     """Sufficient statistics of ``n`` per-example gradients (see the module docstring)."""
 
-    n: int
+    n: int | float
     grad_sum: torch.Tensor
     sq_norm_sum: torch.Tensor
     elem_sq_sum: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if isinstance(self.n, bool) or not isinstance(self.n, (int, float)) or not self.n >= 1:
             raise GradNoiseError(
                 explain(
                     "GradMoments.n",
-                    expected="a positive int (the number of examples)",
+                    expected="a positive int (the number of examples), or a float >= 1 (the "
+                    "effective number of a weighted loss)",
                     got=repr(self.n),
                     fix="build moments from at least one example",
                 )
