@@ -1,4 +1,4 @@
-r"""Parameters used elementwise with the batch: ``weight * x``, ``x + pos_embed``, ``cls.expand(B, ...)``.
+r"""Parameters used elementwise with the batch: ``w * x``, ``x + pos``, ``cls.expand(B, ...)``.
 
 Hand-written RMSNorms (``weight * hidden``: Llama, T5), layer scale (``gamma * x``: ConvNeXt,
 CaiT), learned position embeddings added to the tokens and class tokens expanded over the batch
@@ -168,7 +168,9 @@ class ExpandRule(BaseRule):
         return {"input": pieces_from_per_example(per_example, request, "direct")}
 
     def contract_cases(self):
-        return [("cat([cls.expand(B, -1, -1), x])", _ClassToken(), (torch.randn(5, 3, 4).double(),))]
+        return [
+            ("cat([cls.expand(B, -1, -1), x])", _ClassToken(), (torch.randn(5, 3, 4).double(),))
+        ]
 
 
 class _Scaled(nn.Module):

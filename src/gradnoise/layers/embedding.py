@@ -111,8 +111,6 @@ class EmbeddingRule(BaseRule):
         return {"weight": Pieces(grad, sq_norms, elem_sq, None, "segment")}
 
 
-
-
 class _TokensPlusPositions(nn.Module):
     """Token embeddings plus position embeddings looked up with a ``(1, T)`` index (GPT-2)."""
 

@@ -71,10 +71,16 @@ class LinearRule(BaseRule):
         return [
             ("linear (B, d)", nn.Linear(4, 3).double(), (torch.randn(5, 4).double(),)),
             ("linear (B, T, d)", nn.Linear(4, 3).double(), (torch.randn(5, 6, 4).double(),)),
-            ("linear, no bias", nn.Linear(4, 3, bias=False).double(), (torch.randn(5, 2, 4).double(),)),
+            (
+                "linear, no bias",
+                nn.Linear(4, 3, bias=False).double(),
+                (torch.randn(5, 2, 4).double(),),
+            ),
         ]
 
-    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()) -> torch.Tensor:
+    def input_grad(
+        self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()
+    ) -> torch.Tensor:
         return grad_output @ bound["weight"]
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
@@ -152,8 +158,6 @@ def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
     )
 
 
-
-
 class AddmmRule(BaseRule):
     r"""``torch.addmm(bias, rows, weight)`` as transformers' ``Conv1D`` calls it.
 
@@ -180,8 +184,7 @@ class AddmmRule(BaseRule):
                 explain(
                     "torch.addmm on a tracked weight (transformers' Conv1D)",
                     expected="rows of a known batch: a multiple of the batch size, set by an "
-                    "earlier layer"
-                    + ("" if batch is None else f" ({batch})"),
+                    "earlier layer" + ("" if batch is None else f" ({batch})"),
                     got=f"{rows} rows" + (" before any batched layer" if batch is None else ""),
                     fix="run a layer on the (B, ...) batch first (an embedding or nn.Linear), or "
                     "use nn.Linear on batch-first inputs",
@@ -204,7 +207,9 @@ class AddmmRule(BaseRule):
     def call(self, bound: dict[str, Any]) -> torch.Tensor:
         return torch.addmm(**bound)
 
-    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()) -> torch.Tensor:
+    def input_grad(
+        self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()
+    ) -> torch.Tensor:
         return (grad_output @ bound["mat2"].T) * bound["alpha"]
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:

@@ -91,7 +91,10 @@ class AffineNormRule(BaseRule):
         return self.function(**bound)
 
     def contract_cases(self):
-        return [(label, build().double(), (torch.randn(*shape).double(),)) for label, build, shape in self._cases]
+        return [
+            (label, build().double(), (torch.randn(*shape).double(),))
+            for label, build, shape in self._cases
+        ]
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         normalized = self.function(**{**bound, **dict.fromkeys(self.param_roles)})
@@ -122,7 +125,11 @@ register(
 )
 register(
     AffineNormRule(
-        "rms_norm", F.rms_norm, _rms_norm_args, ("weight",), [("rms_norm", lambda: nn.RMSNorm(4), (5, 3, 4))]
+        "rms_norm",
+        F.rms_norm,
+        _rms_norm_args,
+        ("weight",),
+        [("rms_norm", lambda: nn.RMSNorm(4), (5, 3, 4))],
     )
 )
 register(

@@ -1,4 +1,4 @@
-"""The plan built once per ``GradStats``: which parameters are tracked, and where a fallback may run.
+"""The plan built once per ``GradStats``: the tracked parameters, and where a fallback may run.
 
 Every trainable parameter is tracked at the level of torch functions: wherever the model calls a
 function a rule intercepts (``F.linear``, ``torch.addmm``, ``weight * x``, ...) on it, that rule
@@ -79,7 +79,5 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
 
 
 def _hooked(plan: Plan, name: str, module: nn.Module) -> HookedModule:
-    subtree = {
-        id(p): local for local, p in module.named_parameters() if id(p) in plan.names
-    }
+    subtree = {id(p): local for local, p in module.named_parameters() if id(p) in plan.names}
     return HookedModule(name, module, subtree, fallback_strategy(module))

@@ -141,7 +141,9 @@ class Rule(Protocol):
     def batched_arg(self, roles: tuple[str, ...]) -> str | None:
         """The bound argument with the examples, given which roles hold tracked parameters."""
 
-    def count_examples(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> int:
+    def count_examples(
+        self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None
+    ) -> int:
         """How many examples this call sees (``batch``: the block's, if known already)."""
 
     def check(self, bound: dict[str, Any], roles: tuple[str, ...]) -> None:
@@ -185,7 +187,9 @@ class BaseRule:
     def applies(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> bool:
         return True
 
-    def count_examples(self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None) -> int:
+    def count_examples(
+        self, bound: dict[str, Any], roles: tuple[str, ...], batch: int | None
+    ) -> int:
         tensor = bound[self.batched_arg(roles)]
         return tensor.shape[0] if tensor.dim() > 0 else 0
 

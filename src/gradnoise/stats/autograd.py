@@ -62,9 +62,7 @@ def _pieces_backward(recorder, call: Call, grad_output: torch.Tensor) -> list[to
         batched = bound[call.batched]
         bound[call.batched] = batched.expand(recorder.batch, *batched.shape[1:])
     pieces = recorder.rule_backward(call, bound, grad_output.to(dtype))
-    return [
-        pieces[role].grad.to(call.bound[role].dtype) for role in call.names
-    ]
+    return [pieces[role].grad.to(call.bound[role].dtype) for role in call.names]
 
 
 def _expand_output(recorder, call: Call, output: torch.Tensor) -> torch.Tensor:

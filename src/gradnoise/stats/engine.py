@@ -272,24 +272,30 @@ class GradStats:
 
 
 def _checked_weights(weights: Any) -> torch.Tensor:
-    ok = isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.is_floating_point()
-    if ok:
-        weights = weights.detach()
-        ok = bool(torch.isfinite(weights).all() and (weights > 0).all())
-    if not ok:
+    """The weights, detached, after checking they are one finite positive float per example."""
+    problem = _weights_problem(weights)
+    if problem is not None:
         raise GradNoiseError(
             explain(
                 "GradStats.set_example_weights",
                 expected="a 1-d floating tensor of finite, positive weights, one per example",
-                got=repr(weights) if not isinstance(weights, torch.Tensor) else
-                f"a {weights.dtype} tensor of shape {tuple(weights.shape)} with a weight <= 0 or "
-                "not finite" if weights.dim() == 1 and weights.is_floating_point() else
-                f"a {weights.dtype} tensor of shape {tuple(weights.shape)}",
+                got=problem,
                 fix="drop examples that carry no loss (fully padded rows) and pass w_i > 0, e.g. "
                 "token_mean_weights(labels)",
             )
         )
-    return weights
+    return weights.detach()
+
+
+def _weights_problem(weights: Any) -> str | None:
+    if not isinstance(weights, torch.Tensor):
+        return repr(weights)
+    described = f"a {weights.dtype} tensor of shape {tuple(weights.shape)}"
+    if weights.dim() != 1 or not weights.is_floating_point():
+        return described
+    if not bool(torch.isfinite(weights).all() and (weights > 0).all()):
+        return described + " with a weight <= 0 or not finite"
+    return None
 
 
 def token_mean_weights(

@@ -2,8 +2,8 @@
 
 For per-example gradients g_1, ..., g_n of one parameter (or one layer) the record holds
 
-    n             the number of examples (for a weighted loss, the effective number
-                  n_eff = (sum_i w_i)^2 / sum_i w_i^2, see ``GradStats(loss_reduction="weighted")``),
+    n             the number of examples (for a weighted loss the effective number
+                  n_eff = (sum_i w_i)^2 / sum_i w_i^2: ``GradStats(loss_reduction="weighted")``),
     grad_sum      sum_i g_i                      (same shape as the parameter),
     sq_norm_sum   sum_i ||g_i||^2                (a 0-dim tensor),
     elem_sq_sum   sum_i g_i * g_i, elementwise   (optional, same shape as the parameter).

@@ -257,7 +257,9 @@ class Recorder:
                     fix="pass the batch to the module's forward as a tensor",
                 )
             )
-        self._before_use(tensors[0].shape[0] if tensors[0].dim() else 0, f"module {frame.hooked.name!r}")
+        self._before_use(
+            tensors[0].shape[0] if tensors[0].dim() else 0, f"module {frame.hooked.name!r}"
+        )
         self._hand_over(frame.first_call, set(names.values()))
         positions = fallback_rule.batched_outputs(output, self.batch)
         if not positions:
@@ -306,7 +308,9 @@ class Recorder:
         """The rule's pieces for every role; the kept ones are accumulated."""
         self._on_backward()
         kept = {role: name for role, name in call.names.items() if role not in call.discarded}
-        pieces = call.rule.backward(bound, grad_output, tuple(call.names), self.request(kept.values()))
+        pieces = call.rule.backward(
+            bound, grad_output, tuple(call.names), self.request(kept.values())
+        )
         for role, name in kept.items():
             self._accumulate(name, pieces[role])
         return pieces
@@ -327,7 +331,9 @@ class Recorder:
             self.suspended = False
         method = "fallback" if hooked.strategy == "vmap" else "fallback-loop"
         for local, name in kept.items():
-            grads = per_example[local].float() if _is_half(per_example[local]) else per_example[local]
+            grads = (
+                per_example[local].float() if _is_half(per_example[local]) else per_example[local]
+            )
             self._accumulate(name, Pieces(grads.sum(0), None, None, grads, method))
 
     def _accumulate(self, name: str, pieces: Pieces) -> None:
