@@ -55,7 +55,10 @@ def test_hooks_and_mode_are_removed_when_the_block_raises():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"loss_reduction": "avg"}, "loss_reduction.*expected 'mean' or 'sum', got 'avg'"),
+        (
+            {"loss_reduction": "avg"},
+            "loss_reduction.*expected 'mean' or 'sum' or 'weighted', got 'avg'",
+        ),
         ({"fallback": "skip"}, "fallback.*expected 'vmap' or 'error', got 'skip'"),
     ],
 )
@@ -186,7 +189,9 @@ def test_sequence_first_attention_is_refused():
 
 def test_fallback_error_policy_names_the_use_without_a_rule():
     model = nn.Sequential(nn.Linear(3, 4), Scale(4))
-    with pytest.raises(UnsupportedModuleError, match=r"TensorBase.pow on '1.gain'.*fallback='vmap'"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"TensorBase.pow on '1.gain'.*fallback='vmap'"
+    ):
         _step(model, {"fallback": "error"}, loss=lambda m: m(torch.randn(4, 3)).sum())
     assert _hooks_left(model) == 0
 

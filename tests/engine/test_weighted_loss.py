@@ -39,20 +39,49 @@ def test_declared_token_mean_gives_each_sequences_own_gradient(arch):
         assert error < 1e-5 or float(want.norm()) < 1e-9 * float(got[name].norm() + 1), name
 
 
-def test_undeclared_padding_is_off_by_the_token_share_squared():
-    """What the docs warn about: declared "mean", each norm is scaled by (B n_i / N)^2."""
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_undeclared_padding_is_refused_with_the_declaration_to_use(reduction):
     model, (ids, labels), loss_fn = _padded("gpt2")
-    weights = token_mean_weights(labels)
-    results = {}
-    for reduction in ("mean", "weighted"):
-        with GradStats(model, loss_reduction=reduction) as stats:
-            if reduction == "weighted":
-                stats.set_example_weights(weights)
-            loss_fn(model, ids, labels).backward()
-        results[reduction] = stats.total_sq_norms()
-        model.zero_grad(set_to_none=True)
-    ratio = results["mean"] / results["weighted"]
-    torch.testing.assert_close(ratio.double(), (4 * weights) ** 2, rtol=1e-5, atol=0)
+    with GradStats(model, loss_reduction=reduction) as stats:
+        loss_fn(model, ids, labels).backward()
+    with pytest.raises(GradNoiseError, match=r"share n_i / N.*token_mean_weights\(labels\)"):
+        stats.per_example_sq_norms()
+
+
+def test_equal_lengths_with_the_shifted_last_position_ignored_are_a_plain_mean():
+    """A causal LM ignores one (shifted-out) position per sequence: equal shares, no refusal."""
+    model, batch, loss_fn = hf_models.make_gpt2(
+        3, generator=torch.Generator().manual_seed(0), seq=6, **SIZE
+    )
+    with GradStats(model) as stats:
+        loss_fn(model, *batch).backward()
+    assert stats.total_sq_norms().shape == (3,)
+
+
+def test_class_weighted_mean_is_refused_unless_declared():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y, class_weights = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.rand(3) + 0.5
+    with (
+        pytest.raises(GradNoiseError, match=r"class-weighted mean.*set_example_weights"),
+        GradStats(model),
+    ):
+        torch.nn.functional.cross_entropy(model(x), y, weight=class_weights).backward()
+    model.zero_grad(set_to_none=True)
+    with GradStats(model, loss_reduction="weighted") as stats:
+        shares = class_weights[y] / class_weights[y].sum()
+        stats.set_example_weights(shares.double())
+        torch.nn.functional.cross_entropy(model(x), y, weight=class_weights).backward()
+    plain = [
+        torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), model.weight
+        )[0]
+        for i in range(6)
+    ]
+    want = torch.stack([g.pow(2).sum() for g in plain])
+    torch.testing.assert_close(
+        stats.per_example_sq_norms()["weight"], want.double(), rtol=1e-5, atol=0
+    )
 
 
 def test_uniform_weights_give_the_mean_results_exactly():

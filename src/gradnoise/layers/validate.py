@@ -16,7 +16,7 @@ from torch import nn
 
 from gradnoise.errors import BatchCouplingError, GradNoiseError, explain
 
-__all__ = ["check_batch_norm_call", "check_module"]
+__all__ = ["check_batch_norm_call", "check_module", "padded_mean_flag", "refuse_padded_mean"]
 
 _BATCH_FIRST_MODULES = (nn.MultiheadAttention, nn.RNNBase)
 
@@ -63,3 +63,69 @@ def check_batch_norm_call(func: Any, args: tuple, kwargs: dict) -> None:
                 fix="normalize with running statistics (training=False) or use layer/group norm",
             )
         )
+
+
+_MEAN_LOSSES = (F.cross_entropy, F.nll_loss)
+
+
+def _loss_args(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    label_smoothing=0.0,
+):
+    return locals()
+
+
+def padded_mean_flag(func: Any, args: tuple, kwargs: dict, declared: str, batch: int | None):
+    """For a ``reduction="mean"`` classification loss that is not a mean over examples.
+
+    ``F.cross_entropy`` / ``F.nll_loss`` with ``reduction="mean"`` average over the *counted
+    targets*, weighted by ``weight[y]``: with class weights, or with targets equal to
+    ``ignore_index`` (padding), example i's share of the loss is not 1/B, so a declared
+    ``"mean"`` (or ``"sum"``) would scale its gradient wrongly. Class weights raise at once. For
+    padding, the targets are split into the batch's examples (``(B T,)`` rows are example-major)
+    and a 0-dim bool tensor "the examples count different numbers of targets" is returned,
+    checked with the residuals (no host sync in forward); equal counts (a causal LM's one
+    ignored last position per sequence) are a plain mean. A declared ``"weighted"`` loss states
+    the shares itself. Not seen: a loss reduced by hand (``reduction="none"``, then masked).
+    """
+    if func not in _MEAN_LOSSES or declared == "weighted":
+        return None
+    bound = _loss_args(*args, **kwargs)
+    if bound["reduction"] != "mean" or bound["size_average"] is False or bound["reduce"] is False:
+        return None
+    if bound["weight"] is not None:
+        raise GradNoiseError(
+            explain(
+                f"GradStats(loss_reduction={declared!r})",
+                expected="a loss that is a plain mean (or sum) over the examples",
+                got="a class-weighted mean (weight=...), which gives example i the share "
+                "w[y_i] / sum_j w[y_j]",
+                fix="declare it: GradStats(model, loss_reduction='weighted') and, in the block, "
+                "stats.set_example_weights(w[y] / w[y].sum())",
+            )
+        )
+    target = bound["target"]
+    if target.is_floating_point() or not batch or target.numel() % batch:
+        return None  # class probabilities (no ignore_index), or rows that are not the batch's
+    counts = (target.reshape(batch, -1) != bound["ignore_index"]).sum(1)
+    return (counts != counts[0]).any()
+
+
+def refuse_padded_mean(declared: str) -> None:
+    """The error for a mean over counted targets with ignored (padding) targets in the batch."""
+    raise GradNoiseError(
+        explain(
+            f"GradStats(loss_reduction={declared!r})",
+            expected="a loss that is a plain mean (or sum) over the examples",
+            got="a mean over the counted tokens of a batch with ignored targets (padding, "
+            "labels=-100), which gives sequence i the share n_i / N",
+            fix="declare it: GradStats(model, loss_reduction='weighted') and, in the block, "
+            "stats.set_example_weights(token_mean_weights(labels))",
+        )
+    )

@@ -95,7 +95,9 @@ class GradStats:
                     fix="create one GradStats per block",
                 )
             )
-        self._recorder = Recorder(self._plan, elementwise=self.elementwise)
+        self._recorder = Recorder(
+            self._plan, elementwise=self.elementwise, loss_reduction=self.loss_reduction
+        )
         self._checked, self._moments, self._weights = False, None, None
         self._eager = _eager_stance()
         self._eager.__enter__()
@@ -227,8 +229,9 @@ class GradStats:
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""
+        measured = self._measured()
         scale = self._example_scale()
-        return {name: acc.sq_norms() * scale**2 for name, acc in self._measured().items()}
+        return {name: acc.sq_norms() * scale**2 for name, acc in measured.items()}
 
     def total_sq_norms(self) -> torch.Tensor:
         """``(B,)`` squared norms of the whole-model per-example gradients."""

@@ -32,7 +32,11 @@ from gradnoise.errors import GradNoiseError, NotReadyError, UnsupportedModuleErr
 from gradnoise.layers import fallback as fallback_rule
 from gradnoise.layers.plan import HookedModule, Plan
 from gradnoise.layers.registry import Pieces, Request, Rule, rule_for, sq_norm
-from gradnoise.layers.validate import check_batch_norm_call
+from gradnoise.layers.validate import (
+    check_batch_norm_call,
+    padded_mean_flag,
+    refuse_padded_mean,
+)
 from gradnoise.stats.accumulate import Accumulator, check_residual
 from gradnoise.stats.autograd import Attach, Call, Fused, RuleMode, Tap
 
@@ -57,9 +61,11 @@ class Frame:
 class Recorder:
     """Per-block capture state: calls, frames, accumulated pieces, residual norms, batch size."""
 
-    def __init__(self, plan: Plan, *, elementwise: bool) -> None:
+    def __init__(self, plan: Plan, *, elementwise: bool, loss_reduction: str = "mean") -> None:
         self.plan = plan
         self.elementwise = elementwise
+        self.loss_reduction = loss_reduction
+        self.padded_flags: list[torch.Tensor] = []  # "a mean loss saw ignored targets"
         self.batch: int | None = None
         self.uses: Counter[str] = Counter()
         self.calls: list[Call] = []
@@ -106,6 +112,9 @@ class Recorder:
         if not self.recording:
             return func(*args, **kwargs)
         check_batch_norm_call(func, args, kwargs)
+        padded = padded_mean_flag(func, args, kwargs, self.loss_reduction, self.batch)
+        if padded is not None:
+            self.padded_flags.append(padded)
         rule = rule_for(func)
         if rule is not None:
             bound = rule.bind(*args, **kwargs)
@@ -358,7 +367,10 @@ class Recorder:
 
     # ----------------------------------------------------------------------------- checks
     def check_residuals(self) -> None:
-        """Raise for any parameter whose gradient is not the sum of the measured ones (one sync)."""
+        """Raise for any parameter whose gradient is not the sum of the measured ones, or for a
+        mean loss over padded targets (one sync)."""
+        if self.padded_flags and bool(torch.stack(self.padded_flags).any()):
+            refuse_padded_mean(self.loss_reduction)
         pending = {name: r for name, r in self.residuals.items() if r is not None}
         if not pending:
             return
