@@ -303,3 +303,80 @@ def test_statistics_are_a_snapshot_unaffected_by_later_changes_of_grad():
     moments = stats.moments()
     for name, grad in plain.items():
         torch.testing.assert_close(moments[name].grad_sum, grad * 8)
+
+
+def test_an_in_place_change_of_a_layer_input_before_backward_is_refused():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            out = self.b(h)
+            h += 1.0  # changes b's input after b used it
+            return out + h.sum(1, keepdim=True)
+
+    with pytest.raises(
+        GradNoiseError, match=r"linear of 'b.weight'.*in-place change of its 'input'"
+    ):
+        _step(InPlace(), loss=lambda m: m(torch.randn(4, 3)).pow(2).mean())
+
+
+def test_an_in_place_change_of_an_added_input_is_harmless_and_allowed():
+    class AddThenChange(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = x * 1.0
+            y = h + self.pos
+            h.mul_(2.0)  # the add's backward never reads h
+            return self.head(y)
+
+    stats = _step(AddThenChange(), loss=lambda m: m(torch.randn(4, 3)).pow(2).mean())
+    assert stats.coverage()["pos"] == "direct"
+
+
+def test_nested_blocks_of_two_gradstats_are_refused():
+    model = _mlp()
+    with (
+        GradStats(model),
+        pytest.raises(GradNoiseError, match="one open GradStats block at a time"),
+    ):
+        GradStats(model).__enter__()
+    assert _hooks_left(model) == 0
+
+
+def test_an_empty_batch_is_refused():
+    with pytest.raises(GradNoiseError, match="an empty batch"):
+        _step(_mlp(), batch=(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)))
+
+
+def test_parameters_frozen_swapped_or_unfrozen_after_build_are_seen_at_the_next_block():
+    model = _mlp()
+    stats = GradStats(model)
+    x, y = _batch()
+    model[0].weight.requires_grad_(False)  # frozen after build
+    with stats:
+        F.cross_entropy(model(x), y).backward()
+    assert stats.coverage()["0.weight"] == "skipped: frozen (requires_grad=False)"
+    model[0].weight.requires_grad_(True)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.zero_grad(set_to_none=True)
+    with stats:
+        F.cross_entropy(model(x), y).backward()
+    assert stats.coverage()["0.weight"] == "product"
+    assert stats.per_example_sq_norms()["0.weight"].shape == (5,)
+    assert _hooks_left(model) == 0
+
+
+def test_a_non_finite_gradient_of_a_shared_parameter_is_reported_as_such():
+    model = nn.Linear(3, 3)
+    x = torch.randn(4, 3)
+    with GradStats(model) as stats:
+        (model(model(x)).sum() * float("nan")).backward()
+    with pytest.raises(GradNoiseError, match="NaN or inf"):
+        stats.moments()

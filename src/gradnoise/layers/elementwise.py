@@ -105,6 +105,8 @@ class MulRule(_BinaryRule):
 class AddRule(_BinaryRule):
     """``input + alpha * other`` (``sign`` -1 for ``sub``)."""
 
+    reads_in_backward = ()  # the output gradient is all it needs
+
     def __init__(self, name: str, intercepts: tuple, sign: int) -> None:
         self.name, self.intercepts, self.sign = name, intercepts, sign
 
@@ -136,6 +138,7 @@ class ExpandRule(BaseRule):
     intercepts = (_TensorBase.expand,)
     param_roles = ("input",)
     batched_input = ""  # the batch comes from the requested sizes
+    reads_in_backward = ()
 
     def bind(self, input, *sizes, **kwargs) -> dict[str, Any]:
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):

@@ -22,7 +22,14 @@ from torch import nn
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.layers.validate import check_module
 
-__all__ = ["LOOP_MODULES", "HookedModule", "Plan", "fallback_strategy", "plan_coverage"]
+__all__ = [
+    "LOOP_MODULES",
+    "HookedModule",
+    "Plan",
+    "fallback_strategy",
+    "parameter_signature",
+    "plan_coverage",
+]
 
 # Modules whose per-example gradients the fallback computes in a loop over the examples.
 LOOP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
@@ -50,11 +57,12 @@ class Plan:
     frozen: list[str] = field(default_factory=list)
     hooked: list[HookedModule] = field(default_factory=list)  # root first
     fallback: str = "vmap"  # or "error": refuse opaque uses
+    signature: tuple = ()  # what the plan was built from (see parameter_signature)
 
 
 def plan_coverage(model: nn.Module, fallback: str) -> Plan:
     """Track every trainable parameter of ``model`` (see the module docstring)."""
-    plan = Plan(fallback=fallback)
+    plan = Plan(fallback=fallback, signature=parameter_signature(model))
     for name, param in model.named_parameters():
         if param.requires_grad:
             plan.names[id(param)] = name
@@ -76,6 +84,11 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
         if owns or module is model:
             plan.hooked.append(_hooked(plan, module_name, module))
     return plan
+
+
+def parameter_signature(model: nn.Module) -> tuple:
+    """Identity and trainability of every parameter: a change means the plan is stale."""
+    return tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters())
 
 
 def _hooked(plan: Plan, name: str, module: nn.Module) -> HookedModule:

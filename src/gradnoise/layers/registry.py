@@ -125,7 +125,10 @@ class Rule(Protocol):
       output;
     * ``broadcasts``: an input with dim 0 of size 1 may be broadcast over a batch (a ``(1, T)``
       position index): the engine expands the output to the batch, so the output gradient keeps
-      every example's rows.
+      every example's rows;
+    * ``reads_in_backward``: the bound tensors backward reads (``None``: all of them); the engine
+      refuses in-place changes of those between forward and backward, as PyTorch does for its
+      saved tensors.
     """
 
     name: str
@@ -134,6 +137,7 @@ class Rule(Protocol):
     batched_input: str
     gives_input_grad: bool
     broadcasts: bool
+    reads_in_backward: tuple[str, ...] | None
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Name every argument of the functional call, defaults filled in."""
@@ -180,6 +184,7 @@ class BaseRule:
     batched_input = "input"
     gives_input_grad = False
     broadcasts = False
+    reads_in_backward: tuple[str, ...] | None = None
 
     def batched_arg(self, roles: tuple[str, ...]) -> str | None:
         return self.batched_input

@@ -8,6 +8,8 @@ gradients, summed here, and the norms are taken at the end.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
@@ -110,6 +112,17 @@ def check_residual(
     """
     tolerance = residual_tolerance(dtype)
     residual, total = residual_sq**0.5, total_sq**0.5
+    if not math.isfinite(residual) or not math.isfinite(total):
+        raise GradNoiseError(
+            explain(
+                f"parameter {name!r}",
+                expected="finite gradients",
+                got="a gradient with NaN or inf entries (||grad||^2 = "
+                f"{total_sq!r}, difference from the measured sum {residual_sq!r})",
+                fix="find the non-finite loss or activation (torch.autograd.detect_anomaly), or "
+                "skip the step; statistics of a non-finite step are not defined",
+            )
+        )
     if residual <= tolerance * max(total, 1e-30):
         return
     where = "no measured layer" if acc is None else "layers gradnoise measures only in part"

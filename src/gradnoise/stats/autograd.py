@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.layers.plan import HookedModule
 from gradnoise.layers.registry import Rule
 
@@ -38,6 +39,35 @@ class Call:
     positions: list[int] = field(default_factory=list)
     discarded: set[str] = field(default_factory=set)  # roles left to an enclosing fallback
     out_dtype: torch.dtype | None = None
+    versions: dict[str, int] = field(default_factory=dict)  # of the bound tensors, at forward
+
+    def __post_init__(self) -> None:
+        read = getattr(self.rule, "reads_in_backward", None)
+        self.versions = {
+            key: value._version
+            for key, value in self.bound.items()
+            if isinstance(value, torch.Tensor) and (read is None or key in read)
+        }
+
+    def check_unchanged(self) -> None:
+        """Raise if a tensor the rule needs in backward was changed in place after forward.
+
+        PyTorch raises for its own saved tensors; the rules keep theirs outside autograd's
+        saved-tensor machinery, so the same version-counter check is made here.
+        """
+        for key, version in self.versions.items():
+            if self.bound[key]._version != version:
+                raise GradNoiseError(
+                    explain(
+                        f"GradStats ({self.rule.name} of {next(iter(self.names.values()))!r})",
+                        expected="the layer's input and parameters unchanged between forward and "
+                        "backward",
+                        got=f"an in-place change of its {key!r} (version {version} -> "
+                        f"{self.bound[key]._version}), e.g. `h += f(h)` on a layer input or "
+                        "an optimizer step before backward",
+                        fix="use an out-of-place op (`h = h + f(h)`) and step after backward",
+                    )
+                )
 
 
 def _cast_floats(bound: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -56,6 +86,7 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _pieces_backward(recorder, call: Call, grad_output: torch.Tensor) -> list[torch.Tensor]:
     """The rule's pieces, from the call's data upcast and broadcast inputs expanded to the batch."""
+    call.check_unchanged()
     dtype = stats_dtype(call.out_dtype)
     bound = _cast_floats(call.bound, dtype)
     if call.broadcast:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
-from gradnoise.layers.plan import Plan, plan_coverage
+from gradnoise.layers.plan import Plan, parameter_signature, plan_coverage
 from gradnoise.stats.accumulate import Accumulator
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
@@ -25,6 +25,7 @@ from gradnoise.stats.recorder import Recorder
 __all__ = ["GradStats", "token_mean_weights"]
 
 _REDUCTIONS = ("mean", "sum", "weighted")
+_OPEN_BLOCKS: list[GradStats] = []  # the open block, if any: blocks do not nest
 _FALLBACKS = ("vmap", "error")
 
 
@@ -78,6 +79,7 @@ class GradStats:
         self.model = _uncompiled(model)
         self.loss_reduction = loss_reduction
         self.elementwise = bool(elementwise)
+        self.fallback = fallback
         self._plan: Plan = plan_coverage(self.model, fallback)
         self._recorder: Recorder | None = None  # the last block's
         self._open = False
@@ -95,6 +97,17 @@ class GradStats:
                     fix="create one GradStats per block",
                 )
             )
+        if _OPEN_BLOCKS:
+            raise GradNoiseError(
+                explain(
+                    "GradStats.__enter__",
+                    expected="one open GradStats block at a time",
+                    got=f"a block opened inside another one (on {type(_OPEN_BLOCKS[-1].model).__name__})",
+                    fix="close the outer block first, or measure both models with one GradStats "
+                    "on a module that holds them",
+                )
+            )
+        self._replan_if_changed()
         self._recorder = Recorder(
             self._plan, elementwise=self.elementwise, loss_reduction=self.loss_reduction
         )
@@ -107,14 +120,22 @@ class GradStats:
             self._eager.__exit__(None, None, None)
             raise
         self._open = True
+        _OPEN_BLOCKS.append(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._open = False
+        if self in _OPEN_BLOCKS:
+            _OPEN_BLOCKS.remove(self)
         try:
             self._recorder.remove(*exc_info)
         finally:
             self._eager.__exit__(*exc_info)
+
+    def _replan_if_changed(self) -> None:
+        """Rebuild the plan when parameters were swapped, reloaded, frozen or unfrozen."""
+        if parameter_signature(self.model) != self._plan.signature:
+            self._plan = plan_coverage(self.model, self.fallback)
 
     # ----------------------------------------------------------------------------- results
     def _measured(self) -> dict[str, Accumulator]:

@@ -186,6 +186,15 @@ class Recorder:
                     "checkpointing off while measuring",
                 )
             )
+        if examples == 0:
+            raise GradNoiseError(
+                explain(
+                    f"GradStats ({where})",
+                    expected="a batch of at least one example on dim 0",
+                    got="an empty batch (dim 0 of size 0) or a 0-dim input",
+                    fix="skip empty batches before the block",
+                )
+            )
         if self.batch is None:
             self.batch = examples
             return False
