@@ -380,3 +380,24 @@ def test_a_non_finite_gradient_of_a_shared_parameter_is_reported_as_such():
         (model(model(x)).sum() * float("nan")).backward()
     with pytest.raises(GradNoiseError, match="NaN or inf"):
         stats.moments()
+
+
+def test_float32_gram_norms_of_cancelling_positions_are_refused_and_bmm_is_exact():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64, bias=False)
+    a = torch.randn(4, 1, 64).expand(4, 8, 64).contiguous()  # the same input at every position
+    signs = torch.tensor([1.0, -1.0] * 4).view(1, 8, 1)
+    g = torch.randn(4, 1, 64) * signs + 1e-3 * torch.randn(4, 8, 64)  # gradients that cancel
+    loss = lambda m: (m(a) * g).sum()  # noqa: E731
+    with GradStats(model, loss_reduction="sum") as stats:
+        loss(model).backward()
+    assert stats.coverage()["weight"] == "gram"
+    with pytest.raises(GradNoiseError, match="nearly cancel.*elementwise=True"):
+        stats.per_example_sq_norms()
+    model.zero_grad(set_to_none=True)
+    with GradStats(model, loss_reduction="sum", elementwise=True) as stats:
+        loss(model).backward()
+    want = torch.einsum("bto,bti->boi", g.double(), a.double()).flatten(1).pow(2).sum(1)
+    torch.testing.assert_close(
+        stats.per_example_sq_norms()["weight"].double(), want, rtol=1e-4, atol=0
+    )

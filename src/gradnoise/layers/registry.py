@@ -65,6 +65,8 @@ class Pieces:
     method       how they were computed, for the coverage report
     recompute    optional: rebuilds ``grad`` from factors smaller than it, so the engine need
                  not keep ``grad`` itself (autograd can then adopt it as ``.grad`` uncopied)
+    unsure       optional 0-dim bool tensor: the rounding bound of ``sq_norms`` exceeds the
+                 rule's tolerance for some example (checked when results are read, no sync)
     """
 
     grad: torch.Tensor
@@ -73,6 +75,7 @@ class Pieces:
     per_example: torch.Tensor | None
     method: str
     recompute: Callable[[], torch.Tensor] | None = None
+    unsure: torch.Tensor | None = None
 
 
 # Squared norms in one fused ``vector_norm`` pass (no squared copy). A single float32 reduction

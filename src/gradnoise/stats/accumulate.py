@@ -33,6 +33,7 @@ class Accumulator:
         shared = pieces.per_example is not None
         self._grad_sq: torch.Tensor | None = None if shared else sq_norm(self.grad)
         self._recompute = pieces.recompute
+        self.unsure = [] if pieces.unsure is None else [pieces.unsure]
 
     def release(self) -> None:
         """Drop the summed gradient when it can be rebuilt from smaller factors.
@@ -55,6 +56,8 @@ class Accumulator:
         self._grad_sq = None
         self._recompute = None
         self.methods.append(pieces.method)
+        if pieces.unsure is not None:
+            self.unsure.append(pieces.unsure)
         if self._per_example is None or pieces.per_example is None:
             raise AssertionError("shared parameters must be materialized on every use")
         self._per_example = self._per_example + pieces.per_example

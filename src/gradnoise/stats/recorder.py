@@ -380,6 +380,7 @@ class Recorder:
         mean loss over padded targets (one sync)."""
         if self.padded_flags and bool(torch.stack(self.padded_flags).any()):
             refuse_padded_mean(self.loss_reduction)
+        self._check_rounding()
         pending = {name: r for name, r in self.residuals.items() if r is not None}
         if not pending:
             return
@@ -387,6 +388,27 @@ class Recorder:
         for name, (residual_sq, total_sq) in zip(pending, stacked, strict=True):
             dtype = self.plan.params[name].dtype
             check_residual(name, residual_sq, total_sq, dtype, self.acc.get(name))
+
+    def _check_rounding(self) -> None:
+        unsure = {
+            name: torch.stack(acc.unsure).any() for name, acc in self.acc.items() if acc.unsure
+        }
+        if not unsure:
+            return
+        flags = torch.stack(list(unsure.values())).tolist()
+        names = [name for name, flag in zip(unsure, flags, strict=True) if flag]
+        if names:
+            raise GradNoiseError(
+                explain(
+                    f"parameter {names[0]!r}"
+                    + (f" (and {len(names) - 1} more)" if names[1:] else ""),
+                    expected="per-example norms whose float32 rounding is within 1%",
+                    got="per-position gradients that nearly cancel, where the Gram form's rounding "
+                    "error may exceed the norm itself",
+                    fix="measure with GradStats(model, elementwise=True), which uses the exact "
+                    "batched-GEMM path, or run the model in float64",
+                )
+            )
 
     def check_ready(self) -> None:
         if not self.residuals and not self.acc:
