@@ -1,24 +1,150 @@
-r"""``F.conv1d`` / ``F.conv2d``: per-example weight gradients as one grouped convolution.
+r"""``F.conv1d`` / ``F.conv2d``: per-example pieces by product, Gram, bmm or a grouped convolution.
 
-Per example, the weight gradient of a convolution is the cross-correlation of that example's input
-with its output gradient. Folding the batch into the channel dimension (input
-``(1, B C_in, *S)``, output gradient ``(1, B C_out, *S')``) and multiplying the group count by B
-turns the whole batch's per-example gradients into the weight gradient of one grouped
-convolution, which ``aten.convolution_backward`` computes with the backend's native kernels: the
-same FLOPs as the ordinary weight gradient, no unfolded copy of the input. Their sum is the batch
-gradient; the bias gradient is the output gradient summed over positions.
+Example i, group j of g: the unfolded input :math:`U_{ij} \in R^{f \times L}` (column l holds the
+f = c K inputs that output position l reads: c = C_in / g channels, K kernel taps; L output
+positions) and the output gradient :math:`G_{ij} \in R^{o \times L}` (o = C_out / g). The
+per-example weight gradient is :math:`W_{ij} = G_{ij} U_{ij}^T`; with M = B g o f per-example
+gradient elements the weight gradient itself costs L M multiply-adds. Four ways to the pieces:
+
+* **product** (L = 1): :math:`\|W_i\|^2 = \sum_j \|g_{ij}\|^2 \|u_{ij}\|^2`; elementwise
+  squares :math:`\sum_i W_{ij}^{\circ 2} = \sum_i g_{ij}^{\circ 2} (u_{ij}^{\circ 2})^T`, a GEMM of
+  squares.
+* **gram**: :math:`\|W_i\|^2 = \sum_j \langle U_{ij}^T U_{ij}, G_{ij}^T G_{ij} \rangle`; the summed
+  gradient is the plain weight gradient. :math:`U^T U` comes from the unfolded input (B g f L^2
+  multiply-adds), or from the Gram of the zero-padded input :math:`X_{ij} \in R^{c \times P}`
+  (P padded positions): :math:`(U^T U)_{ll'} = \sum_t (X^T X)_{p_t(l) p_t(l')}`, where
+  :math:`p_t(l)` is the position tap t of output l reads (B g c P^2 multiply-adds, B g K L^2
+  numbers gathered, nothing unfolded).
+* **bmm**: materialize :math:`W_{ij}` by batched GEMMs on the unfolded input (in batch chunks),
+  then reduce.
+* **grouped**: the batch folded into the channels (input ``(1, B C_in, *S)``, groups times B)
+  makes all :math:`W_i` the weight gradient of one grouped convolution, by the backend's kernel.
+
+Costs, in multiply-add times of the plain weight gradient (constants below, measured):
+
+=======  ===================================================================================
+grouped  :math:`M \max(L, c_{grouped})` + passes
+bmm      :math:`M \max(L, c_{bmm}) + c_{unfold} B g f L` + passes
+gram     :math:`L M + c_{gram} B g o L^2 + B g \min(c_{unfold} f L + c_{gram} f L^2,\;
+         c_{gram} c P^2 + c_{gather} K L^2)`
+passes   :math:`c_{pass} M` per pass over the materialized gradients (sum, norm, squares)
+=======  ===================================================================================
+
+The max is the kernels' floor: however few positions each element sums, writing it costs about
+c multiply-adds. Per call the cheapest wins; elementwise squares and whole per-example gradients
+need the materialized ones (or product), so gram only serves plain requests. The bias gradient of
+example i is :math:`G_i` summed over positions (``direct``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from gradnoise.layers.registry import BaseRule, Pieces, Request, pieces_from_per_example, register
+from gradnoise.layers.registry import (
+    BaseRule,
+    Pieces,
+    Request,
+    batched_sq_norms,
+    gram_unsure,
+    pieces_from_per_example,
+    register,
+)
 
-__all__ = ["ConvRule"]
+__all__ = [
+    "BMM_CHUNK_BYTES",
+    "BMM_ELEMENT_COST",
+    "GATHER_COST",
+    "GRAM_COST",
+    "GROUPED_ELEMENT_COST",
+    "PASS_COST",
+    "UNFOLD_COST",
+    "ConvRule",
+    "ConvSizes",
+    "choose_gram_input",
+    "choose_method",
+    "method_costs",
+]
+
+# Cost-model constants in multiply-add times of the plain weight gradient (10.4 ps on one thread,
+# 6.6 ps on two), measured on the project's 2-core x86_64 CPU (torch 2.13 CPU) with
+# `benchmarks/conv_methods.py --fit`: time per element of each path on two shapes where its term
+# dominates (fastest of 5 runs, one thread, median of the shapes; three fits agreed within 10%,
+# two-thread fits within 35%), over the time per multiply-add of `aten.convolution_backward` on
+# compute-bound 3x3 shapes. The grouped floor is mostly page faults: its output (all per-example
+# gradients, tens of MB) is freshly mapped memory on every call (70 when glibc recycles it).
+GROUPED_ELEMENT_COST = 390.0  # grouped kernel's floor per per-example gradient element
+BMM_ELEMENT_COST = 44.0  # batched GEMM of inner size L, chunk by chunk: floor per element
+UNFOLD_COST = 95.0  # F.unfold, per unfolded element
+GRAM_COST = 2.4  # Gram GEMMs (batched, L x L outputs) and their product, per multiply-add
+GATHER_COST = 42.0  # X^T X entries gathered into U^T U (index_select of rows, sum), per entry
+PASS_COST = 13.0  # one reduction pass (sum, squared norms) over one materialized element
+# bmm materializes per-example gradients in batch chunks of at most this many bytes: chunks that
+# stay in cache reduce faster than one large tensor (512->512 3x3 on 2x2, B=32, elementwise:
+# 1, 2, 4, 8, 32 examples of 9.4 MB per chunk took 231, 109, 106, 127, 220 ms).
+BMM_CHUNK_BYTES = 32 * 2**20
+
+
+class ConvSizes(NamedTuple):
+    """One call's sizes, named as in the module docstring."""
+
+    batch: int  # B
+    groups: int  # g
+    channels: int  # c, input channels per group
+    taps: int  # K, kernel positions
+    outputs: int  # o, output channels per group
+    positions: int  # L, output positions
+    padded: int  # P, positions of the zero-padded input
+
+    @property
+    def fan_in(self) -> int:
+        return self.channels * self.taps
+
+    @property
+    def elements(self) -> int:
+        """M: the numbers in all per-example weight gradients."""
+        return self.batch * self.groups * self.outputs * self.fan_in
+
+
+def choose_method(sizes: ConvSizes, request: Request) -> str:
+    """``product``, ``gram``, ``bmm`` or ``grouped`` for one call, by the docstring's cost model."""
+    if sizes.positions == 1 and not request.materialize:
+        return "product"
+    costs = method_costs(sizes, request)
+    return min(costs, key=costs.__getitem__)
+
+
+def method_costs(sizes: ConvSizes, request: Request) -> dict[str, float]:
+    """Estimated cost of each method that can serve ``request`` (multiply-add times)."""
+    s, elements = sizes, sizes.elements
+    unfolded = UNFOLD_COST * s.batch * s.groups * s.fan_in * s.positions
+    passes = 1 if request.materialize else 3 if request.elementwise else 2
+    reductions = PASS_COST * passes * elements
+    costs = {
+        "grouped": elements * max(s.positions, GROUPED_ELEMENT_COST) + reductions,
+        "bmm": elements * max(s.positions, BMM_ELEMENT_COST) + unfolded + reductions,
+    }
+    if not (request.elementwise or request.materialize):
+        output_grams = GRAM_COST * s.batch * s.groups * s.outputs * s.positions**2
+        input_grams = min(_gram_input_costs(s).values())
+        costs["gram"] = elements * s.positions + output_grams + input_grams
+    return costs
+
+
+def choose_gram_input(sizes: ConvSizes) -> str:
+    """Where gram gets :math:`U^T U`: ``unfold`` or ``padded`` (the padded input's Gram)."""
+    costs = _gram_input_costs(sizes)
+    return min(costs, key=costs.__getitem__)
+
+
+def _gram_input_costs(s: ConvSizes) -> dict[str, float]:
+    unfold = UNFOLD_COST * s.fan_in * s.positions + GRAM_COST * s.fan_in * s.positions**2
+    padded = GRAM_COST * s.channels * s.padded**2 + GATHER_COST * s.taps * s.positions**2
+    return {"unfold": s.batch * s.groups * unfold, "padded": s.batch * s.groups * padded}
 
 
 def _tuple(value, dims: int) -> tuple[int, ...]:
@@ -27,6 +153,8 @@ def _tuple(value, dims: int) -> tuple[int, ...]:
 
 class ConvRule(BaseRule):
     param_roles = ("weight", "bias")
+    gives_input_grad = True  # engine protocol (added by the engine rewrite)
+    broadcasts = True
 
     def __init__(self, dims: int) -> None:
         self.dims = dims
@@ -43,11 +171,34 @@ class ConvRule(BaseRule):
             "groups": groups,
         }
 
-    def call(self, func, bound: dict[str, Any]) -> torch.Tensor:
+    def call(self, bound: dict[str, Any]) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d
         return conv(**bound)
 
-    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor) -> torch.Tensor:
+    def contract_cases(self):
+        make = nn.Conv1d if self.dims == 1 else nn.Conv2d
+
+        def inputs(channels: int) -> tuple[torch.Tensor]:
+            return (torch.randn(3, channels, *(7,) * self.dims, dtype=torch.float64),)
+
+        return [
+            ("conv", make(2, 4, 3).double(), inputs(2)),
+            (
+                "conv, stride 2, dilation 2, 2 groups, no bias",
+                make(4, 6, 2, stride=2, dilation=2, groups=2, bias=False).double(),
+                inputs(4),
+            ),
+            (
+                "conv, 'same', depthwise",
+                make(3, 6, 3, padding="same", groups=3).double(),
+                inputs(3),
+            ),
+            ("conv to one position", make(2, 3, 7).double(), inputs(2)),
+        ]
+
+    def input_grad(
+        self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()
+    ) -> torch.Tensor:
         """``aten.convolution_backward`` for the input only (the weight gradient is ours)."""
         acts, pads = self._padded_input(bound)
         grad_input = self._backward(grad_output, acts, bound["weight"], bound, (True, False, False))
@@ -62,12 +213,79 @@ class ConvRule(BaseRule):
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         pieces = {}
         if "weight" in roles:
-            per_example = self._per_example_weight(bound, grad_output)
-            pieces["weight"] = pieces_from_per_example(per_example, request, "grouped")
+            pieces["weight"] = self._weight_pieces(bound, grad_output, request)
         if "bias" in roles:
             bias = grad_output.flatten(2).sum(2)
-            pieces["bias"] = pieces_from_per_example(bias, request, "grouped")
+            pieces["bias"] = pieces_from_per_example(bias, request, "direct")
         return pieces
+
+    def _weight_pieces(self, bound, grad_output: torch.Tensor, request: Request) -> Pieces:
+        sizes = self._sizes(bound, grad_output)
+        method = choose_method(sizes, request)
+        if method == "grouped":
+            per_example = self._per_example_weight(bound, grad_output)
+            return pieces_from_per_example(per_example, request, "grouped")
+        grads = grad_output.reshape(sizes.batch, sizes.groups, sizes.outputs, sizes.positions)
+        if method == "gram":
+            return self._gram(bound, grad_output, grads, sizes)
+        cols = self._unfold(bound)
+        if method == "product":
+            return _product(cols[..., 0], grads[..., 0], bound["weight"].shape, request)
+        return _bmm(cols, grads, bound["weight"].shape, request)
+
+    def _sizes(self, bound, grad_output: torch.Tensor) -> ConvSizes:
+        weight, groups = bound["weight"], bound["groups"]
+        return ConvSizes(
+            batch=grad_output.shape[0],
+            groups=groups,
+            channels=weight.shape[1],
+            taps=math.prod(weight.shape[2:]),
+            outputs=weight.shape[0] // groups,
+            positions=math.prod(grad_output.shape[2:]),
+            padded=math.prod(self._padded_shape(bound)),
+        )
+
+    def _gram(self, bound, grad_output: torch.Tensor, grads, sizes: ConvSizes) -> Pieces:
+        if choose_gram_input(sizes) == "padded":
+            input_grams = self._padded_input_grams(bound, grad_output.shape[2:])
+        else:
+            cols = self._unfold(bound)
+            input_grams = torch.matmul(cols.mT, cols)
+        output_grams = torch.matmul(grads.mT, grads)
+        sq_norms = (input_grams * output_grams).sum((1, 2, 3))
+        # |u_l| |g_l| per position from the Grams' diagonals, for the rounding bound
+        norm_products = (input_grams.diagonal(0, 2, 3) * output_grams.diagonal(0, 2, 3)).sqrt()
+        unsure = gram_unsure(norm_products, sq_norms)
+        grad = self._weight_grad(bound, grad_output)
+        return Pieces(grad, sq_norms, None, None, "gram", unsure=unsure)
+
+    def _padded_input_grams(self, bound, out_shape) -> torch.Tensor:
+        """``(B, groups, L, L)``: :math:`U^T U` gathered from the zero-padded input's Gram."""
+        acts = F.pad(bound["input"], self._all_pads(bound))
+        batch, groups = acts.shape[0], bound["groups"]
+        flat = acts.reshape(batch, groups, -1, math.prod(acts.shape[2:]))
+        # (P * P, B, groups): gathering whole rows is ~10x faster than gathering along a last dim
+        grams = torch.matmul(flat.mT, flat).flatten(2).permute(2, 0, 1).contiguous()
+        taps = self._tap_positions(acts.shape[2:], bound, out_shape, acts.device)
+        pairs = taps[:, :, None] * flat.shape[-1] + taps[:, None, :]  # (K, L, L) into P x P
+        picked = grams.index_select(0, pairs.flatten()).view(*pairs.shape, batch, groups)
+        return picked.sum(0).permute(2, 3, 0, 1)
+
+    def _tap_positions(self, padded, bound, out_shape, device) -> torch.Tensor:
+        """``(K, L)``: where in the flattened padded input tap t of output position l reads."""
+        kernel = bound["weight"].shape[2:]
+        stride, dilation = _tuple(bound["stride"], self.dims), _tuple(bound["dilation"], self.dims)
+        index = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for size, k, s, d, n in zip(padded, kernel, stride, dilation, out_shape, strict=True):
+            axis = torch.arange(k, device=device)[:, None] * d + torch.arange(n, device=device) * s
+            index = index[:, None, :, None] * size + axis[None, :, None, :]
+            index = index.flatten(0, 1).flatten(1, 2)
+        return index
+
+    def _weight_grad(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
+        """The plain (summed) weight gradient."""
+        acts, _ = self._padded_input(bound)
+        return self._backward(grad_output, acts, bound["weight"], bound, (False, True, False))
 
     def _per_example_weight(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
         weight = bound["weight"]
@@ -81,6 +299,19 @@ class ConvRule(BaseRule):
             folded_grads, folded_acts, folded_weight, bound, (False, True, False), batch
         )
         return per_example.reshape(batch, *weight.shape)
+
+    def _unfold(self, bound) -> torch.Tensor:
+        """``(B, groups, f, L)``: column l holds the inputs that output position l sees."""
+        acts, _ = self._padded_input(bound)
+        padding = bound["padding"]
+        padding = (0,) * self.dims if isinstance(padding, str) else _tuple(padding, self.dims)
+        dilation, stride = _tuple(bound["dilation"], self.dims), _tuple(bound["stride"], self.dims)
+        args = [tuple(bound["weight"].shape[2:]), dilation, padding, stride]
+        if self.dims == 1:  # F.unfold takes images only: a signal is an image of height 1
+            acts = acts.unsqueeze(2)
+            args = [(fill, *arg) for fill, arg in zip((1, 1, 0, 1), args, strict=True)]
+        cols = F.unfold(acts, *args)
+        return cols.reshape(acts.shape[0], bound["groups"], -1, cols.shape[-1])
 
     def _backward(self, grad_output, acts, weight, bound, mask, group_factor: int = 1):
         padding = bound["padding"]
@@ -102,13 +333,65 @@ class ConvRule(BaseRule):
     def _padded_input(self, bound) -> tuple[torch.Tensor, list[int]]:
         """The input with string padding applied explicitly, and the ``F.pad`` amounts used."""
         acts, padding = bound["input"], bound["padding"]
-        if not isinstance(padding, str) or padding == "valid":
+        if padding != "same":
             return acts, [0] * (2 * self.dims)
+        pads = self._all_pads(bound)
+        return F.pad(acts, pads), pads
+
+    def _all_pads(self, bound) -> list[int]:
+        """``F.pad`` amounts (last axis first) of the convolution's padding, string or numeric."""
+        padding = bound["padding"]
+        if padding == "valid":
+            return [0] * (2 * self.dims)
+        if padding != "same":
+            return [p for p in reversed(_tuple(padding, self.dims)) for _ in range(2)]
         kernel = bound["weight"].shape[2:]
         dilation = _tuple(bound["dilation"], self.dims)
         totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
-        return F.pad(acts, pads), pads
+        return [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+
+    def _padded_shape(self, bound) -> tuple[int, ...]:
+        pads = self._all_pads(bound)[::-1]  # first axis first, (right, left) per axis
+        spatial = bound["input"].shape[2:]
+        return tuple(n + pads[2 * a] + pads[2 * a + 1] for a, n in enumerate(spatial))
+
+
+def _row_sq_norms(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, groups)`` squared norms of the rows of a ``(B, groups, n)`` tensor."""
+    return batched_sq_norms(tensor.flatten(0, 1)).view(tensor.shape[:2])
+
+
+def _product(acts: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pieces:
+    """One output position: ``acts`` ``(B, groups, f)``, ``grads`` ``(B, groups, o)``."""
+    grad = torch.einsum("bgo,bgf->gof", grads, acts).reshape(shape)
+    sq_norms = (_row_sq_norms(grads) * _row_sq_norms(acts)).sum(1)
+    elem_sq = None
+    if request.elementwise:
+        elem_sq = torch.einsum("bgo,bgf->gof", grads.pow(2), acts.pow(2)).reshape(shape)
+    return Pieces(grad, sq_norms, elem_sq, None, "product")
+
+
+def _per_example(cols: torch.Tensor, grads: torch.Tensor, shape) -> torch.Tensor:
+    return torch.matmul(grads, cols.mT).reshape(cols.shape[0], *shape)
+
+
+def _bmm(cols: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pieces:
+    if request.materialize:
+        return pieces_from_per_example(_per_example(cols, grads, shape), request, "bmm")
+    chunk = max(1, BMM_CHUNK_BYTES // (math.prod(shape) * cols.element_size()))
+    parts = [
+        pieces_from_per_example(_per_example(c, g, shape), request, "bmm")
+        for c, g in zip(cols.split(chunk), grads.split(chunk), strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return Pieces(
+        grad=sum(p.grad for p in parts),
+        sq_norms=torch.cat([p.sq_norms for p in parts]),
+        elem_sq=sum(p.elem_sq for p in parts) if request.elementwise else None,
+        per_example=None,
+        method="bmm",
+    )
 
 
 register(ConvRule(1), F.conv1d)

@@ -29,6 +29,7 @@ from gradnoise.layers.registry import (
     Pieces,
     Request,
     batched_sq_norms,
+    gram_unsure,
     pieces_from_per_example,
     register,
 )
@@ -135,28 +136,9 @@ def _gram(acts: torch.Tensor, grads: torch.Tensor) -> Pieces:
     grad = grads.flatten(0, 1).T @ acts.flatten(0, 1)
     gram_products = torch.bmm(acts, acts.mT) * torch.bmm(grads, grads.mT)
     sq_norms = gram_products.sum((1, 2))
-    return Pieces(grad, sq_norms, None, None, "gram", unsure=gram_unsure(acts, grads, sq_norms))
-
-
-# The Gram form sums T^2 products (a_t . a_s)(g_t . g_s) whose magnitudes add up to at most
-# U_i = (sum_t |a_t| |g_t|)^2, so its rounding error is at most about eps U_i. When positions'
-# gradients cancel, ||W_i||^2 << U_i and that error dominates (58-99% seen in float32, where
-# bmm is exact to 1e-5). Flag examples whose bound exceeds GRAM_TOLERANCE of the result.
-GRAM_TOLERANCE = 1e-2
-
-
-def gram_unsure(acts: torch.Tensor, grads: torch.Tensor, sq_norms: torch.Tensor):
-    """0-dim bool: some example's Gram norm may be off by more than ``GRAM_TOLERANCE``."""
-    eps = torch.finfo(sq_norms.dtype).eps
-    if eps < 1e-10:
-        return None  # float64: the bound is far below any budget
-    bound = (batched_row_norms(acts) * batched_row_norms(grads)).sum(1).pow(2)
-    return (eps * bound > GRAM_TOLERANCE * sq_norms).any()
-
-
-def batched_row_norms(tensor: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` norms of the rows of a ``(B, T, d)`` tensor."""
-    return torch.linalg.vector_norm(tensor, dim=2)
+    norm_products = torch.linalg.vector_norm(acts, dim=2) * torch.linalg.vector_norm(grads, dim=2)
+    unsure = gram_unsure(norm_products, sq_norms)
+    return Pieces(grad, sq_norms, None, None, "gram", unsure=unsure)
 
 
 def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
@@ -187,7 +169,8 @@ class AddmmRule(BaseRule):
     ``beta * bias + alpha * rows @ weight`` with a ``(d_in, d_out)`` weight: the Linear rule on
     ``(B, T, d_in)`` with the weight transposed. The rows must be the batch's, example-major
     (what ``x.view(-1, d)`` of a batch-first tensor gives), so their count is a multiple of the
-    block's batch size, which an earlier batched layer must have fixed (an embedding, usually).
+    block's batch size: fixed by an earlier batched layer (an embedding, usually), or else read
+    from dim 0 of the first tensor the model was called with.
     """
 
     name = "addmm"

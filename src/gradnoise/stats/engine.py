@@ -102,7 +102,8 @@ class GradStats:
                 explain(
                     "GradStats.__enter__",
                     expected="one open GradStats block at a time",
-                    got=f"a block opened inside another one (on {type(_OPEN_BLOCKS[-1].model).__name__})",
+                    got="a block opened inside another one (on "
+                    f"{type(_OPEN_BLOCKS[-1].model).__name__})",
                     fix="close the outer block first, or measure both models with one GradStats "
                     "on a module that holds them",
                 )

@@ -67,6 +67,7 @@ class Recorder:
         self.loss_reduction = loss_reduction
         self.padded_flags: list[torch.Tensor] = []  # "a mean loss saw ignored targets"
         self.batch: int | None = None
+        self.batch_hint: int | None = None  # dim 0 of the outermost module call's first tensor
         self.uses: Counter[str] = Counter()
         self.calls: list[Call] = []
         self.frames: list[Frame] = []
@@ -119,7 +120,7 @@ class Recorder:
         if rule is not None:
             bound = rule.bind(*args, **kwargs)
             roles = tuple(role for role in rule.param_roles if self._name_of(bound.get(role)))
-            if roles and rule.applies(bound, roles, self.batch):
+            if roles and rule.applies(bound, roles, self.batch or self.batch_hint):
                 return self._ruled(rule, bound, roles)
         tracked = self._tracked_in(args, kwargs)
         if not tracked:
@@ -155,7 +156,7 @@ class Recorder:
         names = {role: self._name_of(bound[role]) for role in roles}
         where = f"{rule.name} of {names[roles[0]]!r}"
         self._check_not_checkpointed(where)
-        examples = rule.count_examples(bound, roles, self.batch)
+        examples = rule.count_examples(bound, roles, self.batch or self.batch_hint)
         broadcast = self._before_use(examples, where, rule.broadcasts)
         rule.check(bound, roles)
         params = [bound[role] for role in roles]
@@ -250,6 +251,8 @@ class Recorder:
     def _module_hooks(self, hooked: HookedModule):
         def pre_hook(module, args, kwargs):
             if self.recording:
+                if not self.frames and self.batch_hint is None:
+                    self.batch_hint = _first_dim(args, kwargs)
                 self.frames.append(Frame(hooked, (args, kwargs), len(self.calls)))
 
         def post_hook(module, args, kwargs, output):
@@ -430,6 +433,14 @@ class Recorder:
                     fix="compute the loss from model(batch) inside the block",
                 )
             )
+
+
+def _first_dim(args: tuple, kwargs: dict) -> int | None:
+    """Dim 0 of the first tensor argument: the batch size, for rules that cannot read it."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _differentiable(result: Any) -> bool:
