@@ -104,6 +104,21 @@ class AffineNormRule(BaseRule):
         return _affine_pieces(normalized, grad_output, dims, None, roles, request)
 
 
+class RunningBatchNormRule(AffineNormRule):
+    """``F.batch_norm`` with running statistics: ``y = (x - mean) / sqrt(var + eps) * w + b``
+    per channel, a fixed affine map, so the input gradient is one product and the op runs as
+    one autograd node (no copy of the output, no second backward)."""
+
+    gives_input_grad = True
+
+    def input_grad(self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()):
+        scale = (bound["running_var"] + bound["eps"]).rsqrt()
+        if bound["weight"] is not None:
+            scale = scale * bound["weight"]
+        shape = (1, -1) + (1,) * (grad_output.dim() - 2)
+        return grad_output * scale.view(shape)
+
+
 def _eval_batch_norm(channels: int) -> nn.Module:
     norm = nn.BatchNorm2d(channels)
     norm.running_mean.normal_()
@@ -143,7 +158,7 @@ register(
     )
 )
 register(
-    AffineNormRule(
+    RunningBatchNormRule(
         "batch_norm (running statistics)",
         F.batch_norm,
         _batch_norm_args,

@@ -16,19 +16,20 @@ Frozen parameters (``requires_grad=False``) are listed as skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.layers.validate import check_module
+from gradnoise.layers.validate import check_module, needs_check
 
 __all__ = [
     "LOOP_MODULES",
     "HookedModule",
     "Plan",
     "fallback_strategy",
-    "parameter_signature",
     "plan_coverage",
+    "plan_for",
 ]
 
 # Modules whose per-example gradients the fallback computes in a loop over the examples.
@@ -40,14 +41,23 @@ def fallback_strategy(module: nn.Module) -> str:
     return "loop" if isinstance(module, LOOP_MODULES) else "vmap"
 
 
-@dataclass
 class HookedModule:
     """A module that may host a fallback: its name, its subtree's tracked parameters, strategy."""
 
-    name: str
-    module: nn.Module
-    subtree: dict[int, str]  # id(param) -> local name inside the module
-    strategy: str
+    def __init__(self, name: str, module: nn.Module, names: dict[int, str], strategy: str) -> None:
+        self.name, self.module, self.strategy = name, module, strategy
+        self._names = names
+        self._subtree: dict[int, str] | None = None
+
+    @property
+    def subtree(self) -> dict[int, str]:
+        """``id(param) -> local name`` of the tracked parameters under this module (built on the
+        first opaque use: most plans never need it)."""
+        if self._subtree is None:
+            self._subtree = {
+                id(p): local for local, p in self.module.named_parameters() if id(p) in self._names
+            }
+        return self._subtree
 
 
 @dataclass
@@ -57,12 +67,45 @@ class Plan:
     frozen: list[str] = field(default_factory=list)
     hooked: list[HookedModule] = field(default_factory=list)  # root first
     fallback: str = "vmap"  # or "error": refuse opaque uses
-    signature: tuple = ()  # what the plan was built from (see parameter_signature)
+    # what the plan was built from: (owner, local name, parameter, requires_grad) of every
+    # parameter, and the modules whose mode is checked at every block (BatchNorm, RNNs, MHA)
+    slots: list[tuple[nn.Module, str, nn.Parameter, bool]] = field(default_factory=list)
+    checked: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    def is_current(self) -> bool:
+        """Whether no parameter was swapped, reloaded, frozen or unfrozen since the plan was
+        built; also re-checks the modules whose mode matters (``model.train()`` in between)."""
+        for owner, local, param, trainable in self.slots:
+            if owner._parameters.get(local) is not param or param.requires_grad != trainable:
+                return False
+        for name, module in self.checked:
+            check_module(name, module)
+        return True
+
+
+_PLANS: WeakKeyDictionary[nn.Module, dict[str, Plan]] = WeakKeyDictionary()
+
+
+def plan_for(model: nn.Module, fallback: str) -> Plan:
+    """The plan of ``model``, built once and reused while it is current (GradStats objects are
+    often made afresh every step)."""
+    plans = _PLANS.setdefault(model, {})
+    plan = plans.get(fallback)
+    if plan is None or not plan.is_current():
+        plan = plans[fallback] = plan_coverage(model, fallback)
+    return plan
 
 
 def plan_coverage(model: nn.Module, fallback: str) -> Plan:
     """Track every trainable parameter of ``model`` (see the module docstring)."""
-    plan = Plan(fallback=fallback, signature=parameter_signature(model))
+    plan = Plan(fallback=fallback)
+    for module_name, module in model.named_modules():
+        check_module(module_name, module)
+        if needs_check(module):
+            plan.checked.append((module_name, module))
+        for local, param in module._parameters.items():
+            if param is not None:
+                plan.slots.append((module, local, param, param.requires_grad))
     for name, param in model.named_parameters():
         if param.requires_grad:
             plan.names[id(param)] = name
@@ -79,18 +122,9 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
             )
         )
     for module_name, module in model.named_modules():
-        check_module(module_name, module)
         owns = any(p.requires_grad for p in module.parameters(recurse=False))
         if owns or module is model:
-            plan.hooked.append(_hooked(plan, module_name, module))
+            plan.hooked.append(
+                HookedModule(module_name, module, plan.names, fallback_strategy(module))
+            )
     return plan
-
-
-def parameter_signature(model: nn.Module) -> tuple:
-    """Identity and trainability of every parameter: a change means the plan is stale."""
-    return tuple((name, id(p), p.requires_grad) for name, p in model.named_parameters())
-
-
-def _hooked(plan: Plan, name: str, module: nn.Module) -> HookedModule:
-    subtree = {id(p): local for local, p in module.named_parameters() if id(p) in plan.names}
-    return HookedModule(name, module, subtree, fallback_strategy(module))

@@ -16,7 +16,13 @@ from torch import nn
 
 from gradnoise.errors import BatchCouplingError, GradNoiseError, explain
 
-__all__ = ["check_batch_norm_call", "check_module", "padded_mean_flag", "refuse_padded_mean"]
+__all__ = [
+    "check_batch_norm_call",
+    "check_module",
+    "needs_check",
+    "padded_mean_flag",
+    "refuse_padded_mean",
+]
 
 _BATCH_FIRST_MODULES = (nn.MultiheadAttention, nn.RNNBase)
 
@@ -43,6 +49,11 @@ def check_module(name: str, module: nn.Module) -> None:
                 fix=f"construct it as {type(module).__name__}(..., batch_first=True)",
             )
         )
+
+
+def needs_check(module: nn.Module) -> bool:
+    """Modules whose acceptability depends on a mode that may change between blocks."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, *_BATCH_FIRST_MODULES))
 
 
 def _uses_batch_statistics(module: nn.modules.batchnorm._BatchNorm) -> bool:

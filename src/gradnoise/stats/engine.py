@@ -1,6 +1,6 @@
 """GradStats: per-example gradient statistics of every layer from one ordinary backward pass.
 
-:func:`gradnoise.layers.plan.plan_coverage` gives every trainable parameter an owner once; each
+:func:`gradnoise.layers.plan.plan_for` builds the plan of tracked parameters once per model; each
 ``with`` block installs a fresh :class:`~gradnoise.stats.recorder.Recorder` (the capture half: the
 function mode, the autograd functions, the hooks) and removes it on exit, on error too. The
 results are assembled lazily from what it recorded, and the only host syncs happen when they are
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
-from gradnoise.layers.plan import Plan, parameter_signature, plan_coverage
+from gradnoise.layers.plan import Plan, plan_for
 from gradnoise.stats.accumulate import Accumulator
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
@@ -80,7 +80,7 @@ class GradStats:
         self.loss_reduction = loss_reduction
         self.elementwise = bool(elementwise)
         self.fallback = fallback
-        self._plan: Plan = plan_coverage(self.model, fallback)
+        self._plan: Plan = plan_for(self.model, fallback)
         self._recorder: Recorder | None = None  # the last block's
         self._open = False
         self._checked = False
@@ -135,8 +135,8 @@ class GradStats:
 
     def _replan_if_changed(self) -> None:
         """Rebuild the plan when parameters were swapped, reloaded, frozen or unfrozen."""
-        if parameter_signature(self.model) != self._plan.signature:
-            self._plan = plan_coverage(self.model, self.fallback)
+        if not self._plan.is_current():
+            self._plan = plan_for(self.model, self.fallback)
 
     # ----------------------------------------------------------------------------- results
     def _measured(self) -> dict[str, Accumulator]:
