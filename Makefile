@@ -24,4 +24,4 @@ lint: setup
 
 bench:
 	$(MAKE) setup EXTRAS=dev,bench
-	$(PY) benchmarks/engine_overhead.py --out benchmarks/results
+	$(PY) benchmarks/engine_overhead.py --out benchmarks/results/engine_overhead.json

@@ -159,6 +159,8 @@ class ConvRule(BaseRule):
     def __init__(self, dims: int) -> None:
         self.dims = dims
         self.name = f"conv{dims}d"
+        self.intercepts = (F.conv1d,) if dims == 1 else (F.conv2d,)
+        self.modules = (nn.Conv1d,) if dims == 1 else (nn.Conv2d,)
 
     def bind(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return {
@@ -394,5 +396,5 @@ def _bmm(cols: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pi
     )
 
 
-register(ConvRule(1), F.conv1d)
-register(ConvRule(2), F.conv2d)
+register(ConvRule(1))
+register(ConvRule(2))

@@ -24,6 +24,7 @@ __all__ = ["EmbeddingRule"]
 class EmbeddingRule(BaseRule):
     name = "embedding"
     intercepts = (F.embedding,)
+    modules = (nn.Embedding,)
     param_roles = ("weight",)
     gives_input_grad = True
     broadcasts = True  # a (1, T) position index shared by the batch (GPT-2, BERT)

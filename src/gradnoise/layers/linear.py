@@ -58,6 +58,7 @@ def choose_method(batch: int, seq: int, d_in: int, d_out: int, request: Request)
 class LinearRule(BaseRule):
     name = "linear"
     intercepts = (F.linear,)
+    modules = (nn.Linear,)
     param_roles = ("weight", "bias")
     gives_input_grad = True
     broadcasts = True

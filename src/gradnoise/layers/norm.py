@@ -79,8 +79,11 @@ class AffineNormRule(BaseRule):
     channel dim 1 (group norm, ``channel_first=True``).
     """
 
-    def __init__(self, name, function, binder, param_roles, cases, *, channel_first=False):
+    def __init__(
+        self, name, function, binder, param_roles, cases, *, modules=(), channel_first=False
+    ):
         self.name, self.function, self.param_roles = name, function, param_roles
+        self.modules = modules
         self.intercepts = (function,)
         self._binder, self._channel_first, self._cases = binder, channel_first, cases
 
@@ -136,6 +139,7 @@ register(
             ("layer_norm", lambda: nn.LayerNorm(4), (5, 3, 4)),
             ("layer_norm 2-d", lambda: nn.LayerNorm((3, 4)), (5, 3, 4)),
         ],
+        modules=(nn.LayerNorm,),
     )
 )
 register(
@@ -145,6 +149,7 @@ register(
         _rms_norm_args,
         ("weight",),
         [("rms_norm", lambda: nn.RMSNorm(4), (5, 3, 4))],
+        modules=(nn.RMSNorm,),
     )
 )
 register(
@@ -154,6 +159,7 @@ register(
         _group_norm_args,
         ("weight", "bias"),
         [("group_norm", lambda: nn.GroupNorm(2, 4), (5, 4, 3, 3))],
+        modules=(nn.GroupNorm,),
         channel_first=True,
     )
 )
@@ -167,6 +173,7 @@ register(
             ("batch_norm eval 2-d", lambda: _eval_batch_norm(3), (5, 3, 4, 4)),
             ("batch_norm eval 1-d", lambda: nn.BatchNorm1d(3).eval(), (5, 3)),
         ],
+        modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
         channel_first=True,
     )
 )

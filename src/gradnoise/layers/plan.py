@@ -7,8 +7,9 @@ measures the use, whichever module makes the call (tied weights, a custom module
 without a rule, or one its rule declines) is *opaque*; the engine then measures that parameter by
 the ``torch.func`` fallback over the innermost running module that holds it. To find that module
 the plan lists the modules that own parameters (and the root), with the parameters of each
-subtree, and fixes each one's fallback strategy by type: ``loop`` for recurrent layers, whose
-kernels ``vmap`` cannot batch, ``vmap`` for every other module.
+subtree, leaving out modules that rules declare as theirs alone (``nn.Linear``...: their calls
+need no watching), and fixes each one's fallback strategy by type: ``loop`` for recurrent
+layers, whose kernels ``vmap`` cannot batch, ``vmap`` for every other module.
 
 Frozen parameters (``requires_grad=False``) are listed as skipped.
 """
@@ -21,6 +22,7 @@ from weakref import WeakKeyDictionary
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.layers.registry import plain_module_types
 from gradnoise.layers.validate import check_module, needs_check
 
 __all__ = [
@@ -121,9 +123,10 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
                 fix="pass the module you train, or unfreeze its parameters",
             )
         )
+    plain = plain_module_types()
     for module_name, module in model.named_modules():
         owns = any(p.requires_grad for p in module.parameters(recurse=False))
-        if owns or module is model:
+        if (owns and type(module) not in plain) or module is model:
             plan.hooked.append(
                 HookedModule(module_name, module, plan.names, fallback_strategy(module))
             )

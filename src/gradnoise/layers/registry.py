@@ -40,6 +40,7 @@ __all__ = [
     "batched_sq_norms",
     "gram_unsure",
     "pieces_from_per_example",
+    "plain_module_types",
     "register",
     "registered_rules",
     "rule_for",
@@ -152,7 +153,10 @@ class Rule(Protocol):
       every example's rows;
     * ``reads_in_backward``: the bound tensors backward reads (``None``: all of them); the engine
       refuses in-place changes of those between forward and backward, as PyTorch does for its
-      saved tensors.
+      saved tensors;
+    * ``modules``: module types whose forward uses their own parameters only through this rule
+      (``nn.Linear`` for ``F.linear``), matched by exact type; the engine need not watch their
+      calls for a fallback, which saves two hooks per call.
     """
 
     name: str
@@ -162,6 +166,7 @@ class Rule(Protocol):
     gives_input_grad: bool
     broadcasts: bool
     reads_in_backward: tuple[str, ...] | None
+    modules: tuple[type, ...]
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Name every argument of the functional call, defaults filled in."""
@@ -209,6 +214,7 @@ class BaseRule:
     gives_input_grad = False
     broadcasts = False
     reads_in_backward: tuple[str, ...] | None = None
+    modules: tuple[type, ...] = ()
 
     def batched_arg(self, roles: tuple[str, ...]) -> str | None:
         return self.batched_input
@@ -244,6 +250,11 @@ def register(rule: Rule, *functions: Callable[..., Any]) -> Rule:
 def rule_for(function: Callable[..., Any]) -> Rule | None:
     """The rule registered for a torch function, or None."""
     return _RULES.get(function)
+
+
+def plain_module_types() -> frozenset[type]:
+    """Module types every rule declares as measured by it alone (see ``Rule.modules``)."""
+    return frozenset(t for rule in registered_rules() for t in getattr(rule, "modules", ()))
 
 
 def registered_rules() -> list[Rule]:
