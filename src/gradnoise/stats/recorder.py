@@ -320,6 +320,9 @@ class Recorder:
 
     def _mark_done(self) -> None:
         self.backward_done = True
+        # the calls hold the block's activations; forward is over, so let them go with autograd's
+        self.calls.clear()
+        self.frames.clear()
 
     def request(self, names) -> Request:
         shared = any(self.uses[name] > 1 for name in names)
