@@ -53,6 +53,7 @@ from gradnoise.layers.registry import (
     gram_unsure,
     pieces_from_per_example,
     register,
+    require_batched,
 )
 
 __all__ = [
@@ -172,6 +173,10 @@ class ConvRule(BaseRule):
             "dilation": dilation,
             "groups": groups,
         }
+
+    def check(self, bound: dict[str, Any], roles) -> None:
+        layout = "(B, C, L)" if self.dims == 1 else "(B, C, H, W)"
+        require_batched(self.name, bound["input"], self.dims + 2, layout)
 
     def call(self, bound: dict[str, Any]) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d

@@ -32,6 +32,7 @@ from gradnoise.layers.registry import (
     gram_unsure,
     pieces_from_per_example,
     register,
+    require_batched,
 )
 
 __all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "AddmmRule", "LinearRule", "choose_method"]
@@ -65,6 +66,9 @@ class LinearRule(BaseRule):
 
     def bind(self, input, weight, bias=None) -> dict[str, Any]:
         return {"input": input, "weight": weight, "bias": bias}
+
+    def check(self, bound: dict[str, Any], roles) -> None:
+        require_batched(self.name, bound["input"], 2, "(B, ..., d_in)")
 
     def call(self, bound: dict[str, Any]) -> torch.Tensor:
         return F.linear(bound["input"], bound["weight"], bound["bias"])

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
+from gradnoise.errors import GradNoiseError, explain
+
 __all__ = [
     "GRAM_TOLERANCE",
     "BaseRule",
@@ -43,6 +45,7 @@ __all__ = [
     "plain_module_types",
     "register",
     "registered_rules",
+    "require_batched",
     "rule_for",
     "sq_norm",
 ]
@@ -250,6 +253,20 @@ def register(rule: Rule, *functions: Callable[..., Any]) -> Rule:
 def rule_for(function: Callable[..., Any]) -> Rule | None:
     """The rule registered for a torch function, or None."""
     return _RULES.get(function)
+
+
+def require_batched(rule_name: str, tensor: torch.Tensor, min_dims: int, example: str) -> None:
+    """Raise for an unbatched call (``F.linear`` on a 1-d vector, ``conv2d`` on ``(C, H, W)``):
+    its dim 0 is not the examples."""
+    if tensor.dim() < min_dims:
+        raise GradNoiseError(
+            explain(
+                f"GradStats ({rule_name})",
+                expected=f"a batch with the examples on dim 0, {example}",
+                got=f"an unbatched input of shape {tuple(tensor.shape)}",
+                fix="add the batch dim (x.unsqueeze(0) for a single example)",
+            )
+        )
 
 
 def plain_module_types() -> frozenset[type]:
