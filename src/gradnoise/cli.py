@@ -1,7 +1,7 @@
 """``gradnoise``: the command line.
 
 gradnoise profile [--workload NAME | --model MODULE:FACTORY] [--steps N] [--batch-size B]
-                  [--every K] [--out DIR] [--no-console] [--seed S]
+                  [--every K] [--lr LR] [--out DIR] [--no-console] [--seed S]
 gradnoise report DIR
 """
 
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 
+import torch
 from rich.console import Console
 from rich.text import Text
 
 from gradnoise.errors import GradNoiseError
-from gradnoise.monitor.profile import as_workload, load_factory, run_profile
+from gradnoise.monitor.checks import check_batch_size, check_every, check_out_dir
+from gradnoise.monitor.profile import DEFAULT_LR, as_workload, load_factory, run_profile
 from gradnoise.monitor.recommend import overhead_text
 from gradnoise.monitor.records import read_metrics
 from gradnoise.monitor.report import write_report
@@ -46,18 +49,48 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--model",
         metavar="MODULE:FACTORY",
-        help="your own model: factory(batch_size=B) -> (model, batches, loss_fn)",
+        help="your own model: FACTORY(batch_size=B) returns a Workload or (model, batches, "
+        "loss_fn) with loss_fn(model, batch) the batch-mean loss; a finite batches iterable "
+        "(a list, a DataLoader) is re-iterated each epoch until --steps steps have run",
     )
-    profile.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    profile.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    profile.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULTS["steps"],
+        help=f"training steps, AdamW (default {DEFAULTS['steps']})",
+    )
+    profile.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help=f"examples per step, at least 2; passed to the factory with --model "
+        f"(default {DEFAULTS['batch_size']})",
+    )
     profile.add_argument(
         "--every",
         type=int,
         default=DEFAULTS["every"],
-        help="measure one step in EVERY (default 40)",
+        help=f"measure one step in EVERY (default {DEFAULTS['every']})",
     )
-    profile.add_argument("--out", default=DEFAULTS["out"], help="output directory")
-    profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: the workload's own, 3e-3 for charlm and images; "
+        f"{DEFAULT_LR:g} for a (model, batches, loss_fn) factory)",
+    )
+    profile.add_argument(
+        "--out",
+        default=DEFAULTS["out"],
+        help=f"output directory, created if missing (default {DEFAULTS['out']})",
+    )
+    profile.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the model initialisation and batch order; with --model, torch and random "
+        "are seeded before the factory is called (default 0)",
+    )
     profile.add_argument("--no-console", action="store_true", help="no live view")
     report = commands.add_parser("report", help="re-render report.html from DIR/metrics.jsonl")
     report.add_argument("dir")
@@ -69,17 +102,33 @@ def _workload(args: argparse.Namespace):
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         factory = load_factory(args.model)
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
         return as_workload(factory(batch_size=args.batch_size), args.model)
     return get_workload(args.workload, batch_size=args.batch_size, seed=args.seed)
 
 
 def _profile(args: argparse.Namespace, console: Console) -> None:
+    # every check that needs no model runs first, so bad input never trains or writes anything
+    check_batch_size(args.batch_size)
+    check_every(args.every)
+    check_out_dir(args.out, create=False)
     workload = _workload(args)
     console.print(f"profiling [bold]{workload.name}[/]: {workload.description}")
     run = run_profile(
-        workload, steps=args.steps, every=args.every, out=args.out, console=not args.no_console
+        workload,
+        steps=args.steps,
+        every=args.every,
+        out=args.out,
+        console=not args.no_console,
+        lr=args.lr,
     )
     console.print()
+    if run.get("batches_exhausted"):
+        console.print(
+            f"note: the batches ran out after {run['steps']} of {args.steps} steps (a one-shot "
+            "iterator cannot be restarted; return a list or a DataLoader to cycle it)"
+        )
     console.print(overhead_text(run))
     console.print(
         f"report: {run['report']} (plots and page rendered in {run['report_seconds']:.1f} s "

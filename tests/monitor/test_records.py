@@ -88,3 +88,31 @@ def test_metrics_without_any_step_record_are_refused(tmp_path):
         r"got none \(1 unreadable lines\)\. Run more steps than --every",
     ):
         read_metrics(directory)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("loss", "1.5", "expected a number or null"),
+        ("batch_size", "8", "expected an integer or null"),
+        ("gsnr", [0.1, 0.2], "expected an object {parameter: number or null}"),
+        ("example_norms", 3.0, "expected a list of numbers"),
+        ("b_simple", {"x": 1}, "expected a number or null"),
+        ("layer_noise_scale", {"w": "big"}, "expected an object {parameter: number or null}"),
+    ],
+)
+def test_a_field_of_the_wrong_json_type_names_file_line_and_field(tmp_path, field, value, expected):
+    directory = _write(tmp_path / "run", [_step(1), _step(3, **{field: value})])
+    with pytest.raises(GradNoiseError) as info:
+        write_report(directory)
+    message = str(info.value)
+    assert f"metrics.jsonl, line 2, field '{field}': {expected}, got" in message
+    assert "Fix or delete line 2" in message
+    assert not (directory / "report.html").exists()
+
+
+def test_a_run_record_of_the_wrong_json_type_is_refused(tmp_path):
+    run = json.dumps({"kind": "run", "steps": "8", "coverage": {}})
+    directory = _write(tmp_path / "run", [_step(1), run])
+    with pytest.raises(GradNoiseError, match=r"line 2, field 'steps': expected an integer"):
+        read_metrics(directory)

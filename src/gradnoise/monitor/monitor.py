@@ -57,6 +57,11 @@ class Monitor:
         elementwise: collect elementwise moments, needed for the per-layer GSNR.
         beta: smoothing of the running noise scale (per measured step).
         report: write plots and report.html on :meth:`close`.
+
+    Raises:
+        GradNoiseError: at construction, before anything is written, for a bad ``every`` or
+            ``out`` or a model GradStats cannot measure (``BatchCouplingError`` for BatchNorm in
+            training mode: call ``.eval()`` on it or use GroupNorm / LayerNorm).
     """
 
     def __init__(
@@ -82,6 +87,10 @@ class Monitor:
                     fix="pass the model itself",
                 )
             )
+        # Refuse a model whose per-example gradients are undefined (BatchNorm in training mode,
+        # batch_first=False layers, ...) now, not at the first measured step: building the
+        # engine checks every module.
+        GradStats(model, elementwise=elementwise)
         self.out = check_out_dir(out) if out is not None else None
         self.model, self.every, self.elementwise, self.report = model, every, elementwise, report
         self.noise = NoiseScale(beta=beta)

@@ -5,13 +5,18 @@ current directory, or a path to a ``.py`` file: ``path/to/file.py:make``). The f
 ``factory(batch_size=B)`` and returns either a :class:`gradnoise.workloads.Workload` or a tuple
 ``(model, batches, loss_fn)``: an ``nn.Module``, an iterable of batches (tuples of tensors with
 the examples on dim 0) and ``loss_fn(model, batch)`` returning the mean loss over the batch.
+
+A finite re-iterable ``batches`` (a list, a ``DataLoader``) is cycled: each time it ends it is
+iterated again (one more epoch) until the requested number of steps has run. A one-shot iterator
+(a generator) cannot be restarted; if it runs out, the run ends early and says so.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +27,9 @@ from gradnoise.monitor.checks import check_out_dir
 from gradnoise.monitor.monitor import Monitor
 from gradnoise.workloads import Workload
 
-__all__ = ["as_workload", "load_factory", "run_profile"]
+__all__ = ["DEFAULT_LR", "as_workload", "cycle_batches", "load_factory", "run_profile"]
+
+DEFAULT_LR = 1e-3  # AdamW learning rate of a (model, batches, loss_fn) factory without --lr
 
 
 def _factory_error(spec: str, got: str, fix: str) -> GradNoiseError:
@@ -70,7 +77,42 @@ def load_factory(spec: str):
             f"no function {attr!r} in module {module_name!r}",
             "check the function name after the ':'",
         )
+    _check_signature(spec, attr, factory)
     return factory
+
+
+def _check_signature(spec: str, attr: str, factory) -> None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    try:
+        signature.bind(batch_size=2)
+    except TypeError as exc:
+        raise _factory_error(
+            spec,
+            f"{attr}{signature}, which cannot be called as {attr}(batch_size=B) ({exc})",
+            "check the function name after the ':', and give the factory a batch_size "
+            "parameter: def make(batch_size): ...",
+        ) from exc
+
+
+def cycle_batches(batches: Iterable) -> Iterator:
+    """Batches of ``batches`` without end: a re-iterable one is iterated again each epoch.
+
+    A one-shot iterator (``iter(b) is b``) cannot be restarted and simply ends; so does an
+    iterable whose epoch yields nothing (no endless loop on an empty DataLoader).
+    """
+    if isinstance(batches, Iterator):
+        yield from batches
+        return
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            return
 
 
 def as_workload(result, spec: str = "factory") -> Workload:
@@ -81,7 +123,9 @@ def as_workload(result, spec: str = "factory") -> Workload:
     if isinstance(result, tuple) and len(result) == 3:
         model, batches, loss = result
         if isinstance(model, nn.Module) and isinstance(batches, Iterable) and callable(loss):
-            return Workload(name=spec, model=model, batches=iter(batches), loss=loss)
+            return Workload(
+                name=spec, model=model, batches=cycle_batches(batches), loss=loss, lr=DEFAULT_LR
+            )
         shape = f"({type(model).__name__}, {type(batches).__name__}, {type(loss).__name__})"
     raise _factory_error(
         spec,
@@ -111,11 +155,17 @@ def run_profile(
     out: str | Path,
     console: bool = True,
     tensorboard: bool = True,
+    lr: float | None = None,
 ) -> dict:
-    """Train ``workload`` for ``steps`` AdamW steps under a Monitor; returns the run record."""
+    """Train ``workload`` for ``steps`` AdamW steps under a Monitor; returns the run record.
+
+    ``lr`` overrides ``workload.lr``. The run record's ``steps`` is the number of steps that
+    ran: fewer than ``steps`` only when a one-shot batch iterator ran out (then
+    ``batches_exhausted`` is true).
+    """
     _check_run(steps, every)
-    out = check_out_dir(out)
-    optimizer = torch.optim.AdamW(workload.model.parameters(), lr=workload.lr)
+    lr = workload.lr if lr is None else _check_lr(lr)
+    out = check_out_dir(out, create=False)
     monitor = Monitor(
         workload.model,
         out=out,
@@ -127,16 +177,34 @@ def run_profile(
     monitor.meta = {
         "workload": workload.name,
         "description": workload.description,
-        "lr": workload.lr,
+        "lr": lr,
+        "steps_requested": steps,
     }
+    optimizer = torch.optim.AdamW(workload.model.parameters(), lr=lr)
+    done = 0
     try:
-        _train(workload, monitor, optimizer, steps)
+        done = _train(workload, monitor, optimizer, steps)
     finally:
+        monitor.meta["batches_exhausted"] = done < steps
         run = monitor.close()
     return run | {"report": str(out / "report.html")}
 
 
-def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> None:
+def _check_lr(lr) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise GradNoiseError(
+            explain(
+                "--lr",
+                expected="a positive finite learning rate",
+                got=repr(lr),
+                fix=f"pass for example --lr {DEFAULT_LR:g}",
+            )
+        )
+    return float(lr)
+
+
+def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> int:
+    done = 0
     for _, batch in zip(range(steps), workload.batches, strict=False):
         with monitor.step() as step:
             loss = workload.loss(workload.model, batch)
@@ -144,3 +212,5 @@ def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> None:
             step.loss = loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        done += 1
+    return done

@@ -87,8 +87,81 @@ def _parse(line: str) -> dict | None:
     return record
 
 
+_NUMBER_FIELDS = (
+    "time",
+    "loss",
+    "b_simple",
+    "ci_low",
+    "ci_high",
+    "b_batch",
+    "trace_sigma",
+    "grad_sq_norm",
+)
+_RUN_NUMBER_FIELDS = (
+    "train_seconds",
+    "monitor_seconds",
+    "plain_step_median",
+    "measured_step_median",
+    "overhead_seconds",
+    "overhead_fraction",
+    "measured_step_ratio",
+    "report_seconds",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _is_count(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _bad_field(record: dict) -> tuple[str, str] | None:
+    """The first field of ``record`` whose JSON type the report cannot use, and what it needs."""
+    numbers = _NUMBER_FIELDS if record["kind"] == "step" else _RUN_NUMBER_FIELDS
+    for key in numbers:
+        if not _is_number(record.get(key)):
+            return key, "a number or null"
+    for key in ("batch_size",) if record["kind"] == "step" else ("steps", "every"):
+        if not _is_count(record.get(key)):
+            return key, "an integer or null"
+    if record["kind"] == "run":
+        coverage = record.get("coverage")
+        if coverage is not None and not isinstance(coverage, dict):
+            return "coverage", "an object {parameter: how}"
+        return None
+    for key in ("gsnr", "layer_noise_scale"):
+        value = record.get(key, {})
+        if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+            return key, "an object {parameter: number or null}"
+    norms = record.get("example_norms", [])
+    if not isinstance(norms, list) or not all(_is_number(v) for v in norms):
+        return "example_norms", "a list of numbers"
+    return None
+
+
+def _check_types(path: Path, number: int, record: dict) -> None:
+    bad = _bad_field(record)
+    if bad is None:
+        return
+    key, expected = bad
+    raise GradNoiseError(
+        explain(
+            f"{path}, line {number}, field {key!r}",
+            expected=expected,
+            got=f"{json.dumps(record[key])[:60]} ({type(record[key]).__name__})",
+            fix=f"fix or delete line {number} (files written by gradnoise never hold this)",
+        )
+    )
+
+
 def read_metrics(directory: str | Path) -> Metrics:
-    """Read ``directory/metrics.jsonl``; corrupt lines are skipped and counted, never fatal."""
+    """Read ``directory/metrics.jsonl``; corrupt lines are skipped and counted, never fatal.
+
+    A line that parses but holds a field of the wrong JSON type (a string where a number
+    belongs) is refused with an error naming the file, the line and the field.
+    """
     path = Path(directory) / METRICS_FILE
     if not path.is_file():
         raise GradNoiseError(
@@ -100,13 +173,15 @@ def read_metrics(directory: str | Path) -> Metrics:
             )
         )
     metrics = Metrics()
-    for line in path.read_text(errors="replace").splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         record = _parse(line)
         if record is None:
             metrics.skipped += 1
-        elif record["kind"] == "run":
+            continue
+        _check_types(path, number, record)
+        if record["kind"] == "run":
             metrics.run = record
         else:
             metrics.steps.append(record)
