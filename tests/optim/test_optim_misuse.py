@@ -42,10 +42,12 @@ def test_svrg_step_before_snapshot_is_refused_without_state_change():
 def test_stats_fed_optimizers_need_moments_of_every_named_parameter(cls):
     model = _model()
     opt = cls(model.named_parameters(), lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
     with pytest.raises(
         GradNoiseError,
         match=rf"{cls.__name__}.step\(moments=...\): expected "
-        r"GradStats or \{name: GradMoments\}.*got missing \['weight', 'bias'\]",
+        r"GradStats or \{name: GradMoments\}.*got gradients but no record for "
+        r"\['weight', 'bias'\]",
     ):
         opt.step(moments={})
 

@@ -13,8 +13,11 @@ __all__ = [
     "adam_direction",
     "check",
     "check_betas",
+    "check_grads",
+    "check_group",
     "grads_at",
     "group_tensors",
+    "is_real",
     "named_groups",
     "named_records",
     "require_closure",
@@ -30,10 +33,71 @@ def check(owner: str, name: str, value: object, ok: bool, expected: str, fix: st
         )
 
 
+def is_real(value: object) -> bool:
+    """A real number (int, float or a one-element tensor), not a bool; comparisons are then safe."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_betas(owner: str, betas: tuple[float, float]) -> None:
     """Both momentum coefficients must lie in [0, 1)."""
-    ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
+    ok = (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(is_real(b) and 0 <= b < 1 for b in betas)
+    )
     check(owner, "betas", betas, ok, "two floats in [0, 1)", "use e.g. betas=(0.9, 0.99)")
+
+
+def check_group(opt: Optimizer, group: dict, checker: Callable[[str, dict], None]) -> None:
+    """Run ``checker(owner, options)`` on a param group merged over ``opt.defaults``.
+
+    Called from ``add_param_group`` (so also for every group at construction), before the group
+    is added: a group with ``variant="bogus"`` or ``lr=-1`` is refused instead of running with a
+    silently wrong setting.
+    """
+    if not isinstance(group, dict):
+        return  # torch itself refuses non-dict groups with its own message
+    options = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+    owner = f"{type(opt).__name__}.param_groups[{len(opt.param_groups)}]"
+    checker(owner, {**opt.defaults, **options})
+
+
+def check_grads(owner: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """Refuse sparse or non-finite gradients before any state changes (one host sync).
+
+    The update is then skipped entirely: parameters and optimizer state are left as they were,
+    so training can continue after the caller drops the bad batch.
+    """
+    for i, grad in enumerate(grads):
+        if grad.is_sparse:
+            raise GradNoiseError(
+                explain(
+                    f"{owner}.step",
+                    expected="dense gradients",
+                    got=f"a sparse gradient for parameter {i} of shape {tuple(params[i].shape)}",
+                    fix="use a dense embedding (sparse=False) for this optimizer, or a sparse "
+                    "optimizer such as torch.optim.SparseAdam for that parameter",
+                )
+            )
+    if not grads:
+        return
+    finite = torch.stack([torch.isfinite(g).all() for g in grads])
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).reshape(-1).tolist()
+        raise GradNoiseError(
+            explain(
+                f"{owner}.step",
+                expected="finite gradients",
+                got=f"NaN or inf gradients at positions {bad[:5]} of the parameters with a "
+                f"gradient "
+                f"(shapes {[tuple(params[i].shape) for i in bad[:5]]}); the step was skipped "
+                "and no parameter or state changed",
+                fix="find the source of the overflow (lower the learning rate, clip, check the "
+                "loss); to skip the batch, catch the error, call zero_grad() and continue",
+            )
+        )
 
 
 def group_tensors(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -111,16 +175,34 @@ def named_records(opt: Optimizer, moments: object, owner: str) -> dict:
     """``{name: GradMoments}`` for every named parameter of ``opt``, from GradStats or a dict."""
     if hasattr(moments, "moments") and callable(moments.moments):
         moments = moments.moments()
-    names = [n for g in opt.param_groups for n in g["param_names"]]
-    missing = [n for n in names if not isinstance(moments, dict) or n not in moments]
+    if not isinstance(moments, dict):
+        raise GradNoiseError(
+            explain(
+                f"{owner}.step(moments=...)",
+                expected="GradStats or {name: GradMoments}",
+                got=type(moments).__name__,
+                fix="pass the GradStats object that measured the backward, or stats.moments()",
+            )
+        )
+    # Parameters without a gradient (frozen, or unused in this backward) are skipped by the step,
+    # so they need no record; GradStats never records them either.
+    names = [
+        n
+        for g in opt.param_groups
+        for n, p in zip(g["param_names"], g["params"], strict=True)
+        if p.grad is not None
+    ]
+    missing = [n for n in names if n not in moments]
     if missing:
         raise GradNoiseError(
             explain(
                 f"{owner}.step(moments=...)",
-                expected="GradStats or {name: GradMoments} covering every named parameter",
-                got=f"missing {missing[:3]}",
-                fix="measure the backward with GradStats(model, elementwise=True) around the "
-                "same model the optimizer was built from",
+                expected="GradStats or {name: GradMoments} with a record for every parameter that "
+                "has a gradient",
+                got=f"gradients but no record for {missing[:3]}",
+                fix="measure the whole backward inside GradStats(model, ...) of the same model; "
+                "if these parameters were not used in this backward, clear their stale "
+                "gradients with opt.zero_grad(set_to_none=True)",
             )
         )
     return moments

@@ -19,6 +19,13 @@ the practical "MARS-approx" form that reuses the previous step's gradient):
 At the first step :math:`g_0 := g_1`, so the correction is zero. ``gamma=0`` gives AdamW (with
 clipping of the gradient per tensor) or, for the Lion instance, signed momentum with one
 :math:`\beta` (original Lion interpolates with a second coefficient; only ``betas[0]`` is used).
+
+**Non-finite and sparse gradients.** A NaN or inf gradient would poison ``exp_avg`` and ``prev``
+for good, and for the Lion instance ``sign(NaN) = 0`` then freezes the parameters without any NaN
+showing. So :func:`mars_step` checks every gradient first (one host sync per step) and raises
+:class:`~gradnoise.errors.GradNoiseError` *before* anything changes: the step is skipped, the
+parameters and the state are exactly as before, and training continues once the caller drops the
+batch (catch the error, ``zero_grad()``, go on). Sparse gradients are refused the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from gradnoise.optim._common import check, check_betas, group_tensors
+from gradnoise.optim._common import (
+    check,
+    check_betas,
+    check_grads,
+    check_group,
+    group_tensors,
+    is_real,
+)
 
 __all__ = ["MARS", "mars_correction", "mars_step"]
 
@@ -59,8 +73,15 @@ def mars_step(
     gamma: float,
     clip: float | None,
     variant: str,
+    check_finite: bool = True,
 ) -> None:
-    """One MARS step in place; ``states[i]`` holds ``step``, the two moments and ``prev``."""
+    """One MARS step in place; ``states[i]`` holds ``step``, the two moments and ``prev``.
+
+    Raises ``GradNoiseError`` before any change on a sparse or non-finite gradient (module
+    docstring); ``check_finite=False`` skips that check for a caller that has already run it.
+    """
+    if check_finite:
+        check_grads("MARS", params, grads)
     beta1, beta2 = betas
     for param, grad, state in zip(params, grads, states, strict=True):
         if not state:
@@ -78,6 +99,21 @@ def mars_step(
         bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(eps)
         param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+
+
+def _check_options(owner: str, o: dict) -> None:
+    """Check MARS hyperparameters (constructor defaults or one param group)."""
+    lr, eps, wd, gamma, clip = o["lr"], o["eps"], o["weight_decay"], o["gamma"], o["clip"]
+    check(owner, "lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=3e-3")
+    check_betas(owner, o["betas"])
+    check(owner, "eps", eps, is_real(eps) and eps > 0, "a positive float", "use e.g. eps=1e-8")
+    check(owner, "weight_decay", wd, is_real(wd) and wd >= 0, "a float >= 0", "use 0.0")
+    ok = is_real(gamma) and gamma >= 0
+    check(owner, "gamma", gamma, ok, "a float >= 0", "use the paper's gamma=0.025")
+    ok = clip is None or (is_real(clip) and clip > 0)
+    check(owner, "clip", clip, ok, "None or a positive norm", "use clip=1.0 or None")
+    ok = isinstance(o["variant"], str) and o["variant"] in VARIANTS
+    check(owner, "variant", o["variant"], ok, "'adamw' or 'lion'", "pick one of the two")
 
 
 class MARS(Optimizer):
@@ -98,17 +134,15 @@ class MARS(Optimizer):
         clip: float | None = 1.0,
         variant: str = "adamw",
     ) -> None:
-        check("MARS", "lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=3e-3")
-        check_betas("MARS", betas)
-        check("MARS", "eps", eps, eps > 0, "a positive float", "use e.g. eps=1e-8")
-        check("MARS", "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
-        check("MARS", "gamma", gamma, gamma >= 0, "a float >= 0", "use the paper's gamma=0.025")
-        ok = clip is None or clip > 0
-        check("MARS", "clip", clip, ok, "None or a positive norm", "use clip=1.0 or None")
-        ok = variant in VARIANTS
-        check("MARS", "variant", variant, ok, "'adamw' or 'lion'", "pick one of the two")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma)
-        super().__init__(params, {**defaults, "clip": clip, "variant": variant})
+        options = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma=gamma)
+        options.update(clip=clip, variant=variant)
+        _check_options("MARS", options)
+        super().__init__(params, options)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyperparameters (merged over the defaults)."""
+        check_group(self, param_group, _check_options)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -116,8 +150,13 @@ class MARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, grads = group_tensors(group)
+        groups = [(group, *group_tensors(group)) for group in self.param_groups]
+        # every group is checked before any group is updated, so a refused step changes nothing
+        check_grads(
+            "MARS", [p for _, ps, _ in groups for p in ps], [g for *_, gs in groups for g in gs]
+        )
+        for group, params, grads in groups:
             options = {k: group[k] for k in OPTIONS}
-            mars_step(params, grads, [self.state[p] for p in params], **options)
+            states = [self.state[p] for p in params]
+            mars_step(params, grads, states, **options, check_finite=False)
         return loss

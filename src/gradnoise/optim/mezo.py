@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.optim._common import is_real
 from gradnoise.perturbation import directions, magnitude_masks, projected_gradient
 
 __all__ = ["MeZO", "mezo_step", "momentum_weights"]
@@ -66,6 +67,13 @@ def _check(name: str, value: float, ok: bool, expected: str, fix: str) -> None:
         raise GradNoiseError(explain(f"MeZO {name}", expected=expected, got=repr(value), fix=fix))
 
 
+def _check_group_options(where: str, o: dict) -> None:
+    lr, wd = o["lr"], o["weight_decay"]
+    _check(f"{where}lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=1e-4")
+    ok = is_real(wd) and wd >= 0
+    _check(f"{where}weight_decay", wd, ok, "a float >= 0", "use 0.0")
+
+
 class MeZO(Optimizer):
     """``torch.optim`` shell around :func:`mezo_step`; ``step(closure)`` needs a loss closure.
 
@@ -85,7 +93,7 @@ class MeZO(Optimizer):
         density: float = 1.0,
         seed: int = 0,
     ) -> None:
-        _check("lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=1e-4")
+        _check_group_options("", {"lr": lr, "weight_decay": weight_decay})
         _check("eps", eps, eps > 0, "a positive perturbation scale", "use e.g. eps=1e-3")
         _check("momentum", momentum, 0 <= momentum < 1, "a float in [0, 1)", "use 0 or 0.9")
         _check("window", window, window >= 1, "an int >= 1", "use e.g. window=8")
@@ -94,6 +102,14 @@ class MeZO(Optimizer):
         super().__init__(params, defaults)
         self.options = {"eps": eps, "momentum": momentum, "window": window, "density": density}
         self.state["mezo"] = {"step": 0, "seed": int(seed), "history": []}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its ``lr`` and ``weight_decay`` (merged over the defaults)."""
+        if isinstance(param_group, dict):
+            extra = {k: v for k, v in param_group.items() if k != "params"}
+            where = f"param_groups[{len(self.param_groups)}] "
+            _check_group_options(where, {**self.defaults, **extra})
+        super().add_param_group(param_group)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> float:  # type: ignore[override]
         if closure is None:

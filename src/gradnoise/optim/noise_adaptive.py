@@ -30,6 +30,8 @@ from gradnoise.optim._common import (
     adam_direction,
     check,
     check_betas,
+    check_group,
+    is_real,
     named_groups,
     named_records,
     require_names,
@@ -115,24 +117,48 @@ class NoiseAdaptive(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        owner = "NoiseAdaptive"
-        check(owner, "lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
-        check(owner, "base", base, base in ("sgd", "adam"), "'sgd' or 'adam'", "pick one")
-        check(owner, "beta", beta, 0 <= beta < 1, "a float in [0, 1)", "use e.g. beta=0.9")
-        check(owner, "floor", floor, 0 < floor <= 1, "a gain floor in (0, 1]", "use 0.05")
-        check(owner, "momentum", momentum, 0 <= momentum < 1, "a float in [0, 1)", "use 0.9")
-        check_betas(owner, betas)
-        check(owner, "eps", eps, eps > 0, "a positive float", "use e.g. eps=1e-8")
-        check(owner, "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
-        defaults = dict(lr=lr, base=base, beta=beta, floor=floor, momentum=momentum)
-        super().__init__(
-            params, {**defaults, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        )
+        options = dict(lr=lr, base=base, beta=beta, floor=floor, momentum=momentum)
+        options.update(betas=betas, eps=eps, weight_decay=weight_decay)
+        _check_options("NoiseAdaptive", options)
+        super().__init__(params, options)
         require_names(self, "NoiseAdaptive")
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyperparameters (merged over the defaults)."""
+        check_group(self, param_group, _check_options)
+        super().add_param_group(param_group)
+
     @torch.no_grad()
-    def step(self, closure=None, *, moments=None) -> None:  # type: ignore[override]
-        """Apply one update from this batch's gradients and GradStats ``moments``."""
+    def step(self, closure=None, *, moments=None):  # type: ignore[override]
+        """Apply one update from this batch's gradients and GradStats ``moments``.
+
+        ``closure`` (optional, as in ``torch.optim``) runs first under ``torch.enable_grad()``;
+        its loss is returned. Run it inside the ``GradStats`` context that ``moments`` reads.
+        Parameters without a gradient (frozen or unused) are skipped and need no record.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         records = named_records(self, moments, "NoiseAdaptive")
         for params, grads, recs, states, options in named_groups(self, records, OPTIONS):
             noise_adaptive_step(params, grads, recs, states, **options)
+        return loss
+
+
+def _check_options(owner: str, o: dict) -> None:
+    """Check NoiseAdaptive hyperparameters (constructor defaults or one param group)."""
+    lr, base, beta, floor, mom = o["lr"], o["base"], o["beta"], o["floor"], o["momentum"]
+    eps, wd = o["eps"], o["weight_decay"]
+    check(owner, "lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
+    ok = isinstance(base, str) and base in ("sgd", "adam")
+    check(owner, "base", base, ok, "'sgd' or 'adam'", "pick one")
+    ok = is_real(beta) and 0 <= beta < 1
+    check(owner, "beta", beta, ok, "a float in [0, 1)", "use e.g. beta=0.9")
+    ok = is_real(floor) and 0 < floor <= 1
+    check(owner, "floor", floor, ok, "a gain floor in (0, 1]", "use 0.05")
+    ok = is_real(mom) and 0 <= mom < 1
+    check(owner, "momentum", mom, ok, "a float in [0, 1)", "use 0.9")
+    check_betas(owner, o["betas"])
+    check(owner, "eps", eps, is_real(eps) and eps > 0, "a positive float", "use e.g. eps=1e-8")
+    check(owner, "weight_decay", wd, is_real(wd) and wd >= 0, "a float >= 0", "use 0.0")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from gradnoise.optim._common import check, grads_at, require_closure
+from gradnoise.optim._common import check, check_group, grads_at, is_real, require_closure
 
 __all__ = ["STORM", "storm_step"]
 
@@ -61,10 +61,14 @@ class STORM(Optimizer):
         a: float = 0.1,
         weight_decay: float = 0.0,
     ) -> None:
-        check("STORM", "lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
-        check("STORM", "a", a, 0 < a <= 1, "a momentum correction in (0, 1]", "use e.g. a=0.1")
-        check("STORM", "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
-        super().__init__(params, {"lr": lr, "a": a, "weight_decay": weight_decay})
+        options = {"lr": lr, "a": a, "weight_decay": weight_decay}
+        _check_options("STORM", options)
+        super().__init__(params, options)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyperparameters (merged over the defaults)."""
+        check_group(self, param_group, _check_options)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -83,3 +87,12 @@ class STORM(Optimizer):
             options = {k: group[k] for k in ("lr", "a", "weight_decay")}
             storm_step(params, grads, at_prev, [self.state[p] for p in params], **options)
         return loss
+
+
+def _check_options(owner: str, o: dict) -> None:
+    """Check STORM hyperparameters (constructor defaults or one param group)."""
+    lr, a, wd = o["lr"], o["a"], o["weight_decay"]
+    check(owner, "lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
+    ok = is_real(a) and 0 < a <= 1
+    check(owner, "a", a, ok, "a momentum correction in (0, 1]", "use e.g. a=0.1")
+    check(owner, "weight_decay", wd, is_real(wd) and wd >= 0, "a float >= 0", "use 0.0")

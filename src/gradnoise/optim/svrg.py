@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from gradnoise.errors import NotReadyError, explain
-from gradnoise.optim._common import check, grads_at, require_closure
+from gradnoise.optim._common import check, check_group, grads_at, is_real, require_closure
 
 __all__ = ["SVRG", "svrg_step"]
 
@@ -66,10 +66,14 @@ class SVRG(Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
     ) -> None:
-        check("SVRG", "lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
-        check("SVRG", "momentum", momentum, 0 <= momentum < 1, "a float in [0, 1)", "use 0 or 0.9")
-        check("SVRG", "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        options = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        _check_options("SVRG", options)
+        super().__init__(params, options)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyperparameters (merged over the defaults)."""
+        check_group(self, param_group, _check_options)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def snapshot(self, full_closure: Callable[[], object]) -> None:
@@ -106,3 +110,12 @@ class SVRG(Optimizer):
             options = {k: group[k] for k in ("lr", "momentum", "weight_decay")}
             svrg_step(params, grads, [snap[p] for p in params], full, states, **options)
         return loss
+
+
+def _check_options(owner: str, o: dict) -> None:
+    """Check SVRG hyperparameters (constructor defaults or one param group)."""
+    lr, mom, wd = o["lr"], o["momentum"], o["weight_decay"]
+    check(owner, "lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=1e-2")
+    ok = is_real(mom) and 0 <= mom < 1
+    check(owner, "momentum", mom, ok, "a float in [0, 1)", "use 0 or 0.9")
+    check(owner, "weight_decay", wd, is_real(wd) and wd >= 0, "a float >= 0", "use 0.0")

@@ -24,6 +24,8 @@ from gradnoise.optim._common import (
     adam_direction,
     check,
     check_betas,
+    check_group,
+    is_real,
     named_groups,
     named_records,
     require_names,
@@ -82,18 +84,41 @@ class VRGD(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        check("VRGD", "lr", lr, lr > 0, "a positive learning rate", "use e.g. lr=1e-3")
-        check("VRGD", "gamma", gamma, 0 <= gamma < 1, "a bound in [0, 1)", "use e.g. gamma=0.1")
-        check_betas("VRGD", betas)
-        check("VRGD", "eps", eps, eps > 0, "a positive float", "use e.g. eps=1e-8")
-        check("VRGD", "weight_decay", weight_decay, weight_decay >= 0, "a float >= 0", "use 0.0")
-        defaults = {"lr": lr, "gamma": gamma, "betas": betas, "eps": eps}
-        super().__init__(params, {**defaults, "weight_decay": weight_decay})
+        options = {"lr": lr, "gamma": gamma, "betas": betas, "eps": eps}
+        options["weight_decay"] = weight_decay
+        _check_options("VRGD", options)
+        super().__init__(params, options)
         require_names(self, "VRGD")
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its hyperparameters (merged over the defaults)."""
+        check_group(self, param_group, _check_options)
+        super().add_param_group(param_group)
+
     @torch.no_grad()
-    def step(self, closure=None, *, moments=None) -> None:  # type: ignore[override]
-        """Apply one update from this batch's gradients and elementwise GradStats ``moments``."""
+    def step(self, closure=None, *, moments=None):  # type: ignore[override]
+        """Apply one update from this batch's gradients and elementwise GradStats ``moments``.
+
+        ``closure`` (optional, as in ``torch.optim``) runs first under ``torch.enable_grad()``;
+        its loss is returned. Run it inside the ``GradStats`` context that ``moments`` reads.
+        Parameters without a gradient (frozen or unused) are skipped and need no record.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         records = named_records(self, moments, "VRGD")
         for params, grads, recs, states, options in named_groups(self, records, OPTIONS):
             vrgd_step(params, grads, recs, states, **options)
+        return loss
+
+
+def _check_options(owner: str, o: dict) -> None:
+    """Check VRGD hyperparameters (constructor defaults or one param group)."""
+    lr, gamma, eps, wd = o["lr"], o["gamma"], o["eps"], o["weight_decay"]
+    check(owner, "lr", lr, is_real(lr) and lr > 0, "a positive learning rate", "use e.g. lr=1e-3")
+    ok = is_real(gamma) and 0 <= gamma < 1
+    check(owner, "gamma", gamma, ok, "a bound in [0, 1)", "use e.g. gamma=0.1")
+    check_betas(owner, o["betas"])
+    check(owner, "eps", eps, is_real(eps) and eps > 0, "a positive float", "use e.g. eps=1e-8")
+    check(owner, "weight_decay", wd, is_real(wd) and wd >= 0, "a float >= 0", "use 0.0")
