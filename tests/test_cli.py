@@ -160,3 +160,105 @@ def test_the_monitor_loop_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path)])
     runpy.run_path(str(script), run_name="__main__")
     assert "B_simple ~" in capsys.readouterr().out and (tmp_path / "report.html").is_file()
+
+
+LOADER_FACTORIES = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    SEEN = []
+
+    def loader(batch_size):
+        x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+        data = torch.utils.data.TensorDataset(x, y)
+        model = nn.Linear(6, 2)
+        SEEN.append(model.weight.detach().clone())
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        return model, loader, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+    def no_batch_size():
+        return None
+
+    def bn(batch_size):
+        model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        x, y = torch.randn(16, 6), torch.randint(0, 2, (16,))
+        return model, [(x, y)], lambda m, b: F.cross_entropy(m(b[0]), b[1])
+""")
+
+
+@pytest.fixture
+def loaders(tmp_path, monkeypatch):
+    (tmp_path / "my_loaders.py").write_text(LOADER_FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_loaders", raising=False)
+    return tmp_path
+
+
+def test_a_finite_dataloader_is_cycled_for_the_requested_steps(loaders):
+    args = ["profile", "--model", "my_loaders:loader", "--out", "run", "--no-console"]
+    assert main([*args, "--steps", "12", "--every", "4", "--batch-size", "4"]) == 0
+    run = read_metrics(loaders / "run").run
+    assert run["steps"] == 12 and run["batches_exhausted"] is False and run["lr"] == 1e-3
+
+
+def test_seed_and_lr_reach_a_model_factory(loaders):
+    args = ["profile", "--model", "my_loaders:loader", "--no-console", "--steps", "4"]
+    args += ["--every", "2", "--batch-size", "4"]
+    assert main([*args, "--out", "a", "--seed", "3", "--lr", "0.01"]) == 0
+    assert main([*args, "--out", "b", "--seed", "3"]) == 0
+    assert main([*args, "--out", "c", "--seed", "4"]) == 0
+    seen = sys.modules["my_loaders"].SEEN
+    assert seen[0].equal(seen[1]) and not seen[0].equal(seen[2])
+    assert read_metrics(loaders / "a").run["lr"] == 0.01
+
+
+def test_a_factory_without_batch_size_is_refused(loaders, capsys):
+    assert main(["profile", "--model", "my_loaders:no_batch_size", "--out", "run", *TINY]) == 2
+    assert "which cannot be called as no_batch_size(batch_size=B)" in _error(capsys)
+    assert not (loaders / "run").exists()
+
+
+def test_the_name_of_a_non_factory_function_is_refused(loaders, capsys):
+    spec = str(ROOT / "examples" / "profile_factory.py") + ":loss_fn"
+    assert main(["profile", "--model", spec, "--out", "run", *TINY]) == 2
+    assert "loss_fn(model: torch.nn.modules.module.Module, batch)" in _error(capsys)
+
+
+def test_batch_size_zero_with_a_model_is_refused(loaders, capsys):
+    args = ["profile", "--model", "my_loaders:loader", "--out", "run", *TINY]
+    assert main([*args, "--batch-size", "0"]) == 2
+    assert "--batch-size: expected an int >= 2" in _error(capsys)
+    assert not (loaders / "run").exists()
+
+
+def test_batch_norm_in_train_mode_is_refused_before_any_step(loaders, capsys):
+    assert main(["profile", "--model", "my_loaders:bn", "--out", "run", *TINY]) == 2
+    assert "batch normalization in training mode" in _error(capsys)
+    assert not (loaders / "run" / "metrics.jsonl").exists()
+
+
+def test_out_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["profile", "--out", str(tmp_path / "f" / "sub"), *TINY]) == 2
+    assert "which lies under the file" in _error(capsys)
+
+
+def test_out_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch):
+    import gradnoise.monitor.checks as checks
+
+    def denied(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checks.tempfile, "TemporaryFile", denied)
+    assert main(["profile", "--out", str(tmp_path / "ro"), *TINY]) == 2
+    assert "which cannot be written (Permission denied)" in _error(capsys)
+
+
+def test_help_states_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default 800)", "(default 32)", "(default 0)", "(default gradnoise-profile)"):
+        assert text in out
+    assert "re-iterated each epoch" in out and "--lr" in out

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.checks import check_batch_size, check_every, check_out_dir
-from gradnoise.monitor.profile import DEFAULT_LR, as_workload, load_factory, run_profile
+from gradnoise.monitor.profile import DEFAULT_LR, as_workload, check_run, load_factory, run_profile
 from gradnoise.monitor.recommend import overhead_text
 from gradnoise.monitor.records import read_metrics
 from gradnoise.monitor.report import write_report
@@ -112,6 +112,7 @@ def _profile(args: argparse.Namespace, console: Console) -> None:
     # every check that needs no model runs first, so bad input never trains or writes anything
     check_batch_size(args.batch_size)
     check_every(args.every)
+    check_run(args.steps, args.every)
     check_out_dir(args.out, create=False)
     workload = _workload(args)
     console.print(f"profiling [bold]{workload.name}[/]: {workload.description}")

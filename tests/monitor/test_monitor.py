@@ -174,3 +174,12 @@ def test_the_running_reading_is_the_noise_scale_of_the_measured_steps():
     assert record["ci_low"] == pytest.approx(expected.ci_low, rel=1e-5)
     layers = {k: v for k, v in expected.per_layer.items() if math.isfinite(v)}
     assert record["layer_noise_scale"] == pytest.approx(clean(expected.per_layer) | layers)
+
+
+def test_batch_norm_in_train_mode_is_refused_at_construction(tmp_path):
+    from gradnoise.errors import BatchCouplingError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(BatchCouplingError, match="batch normalization in training mode"):
+        Monitor(model, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,14 @@ from gradnoise.monitor.checks import check_out_dir
 from gradnoise.monitor.monitor import Monitor
 from gradnoise.workloads import Workload
 
-__all__ = ["DEFAULT_LR", "as_workload", "cycle_batches", "load_factory", "run_profile"]
+__all__ = [
+    "DEFAULT_LR",
+    "as_workload",
+    "check_run",
+    "cycle_batches",
+    "load_factory",
+    "run_profile",
+]
 
 DEFAULT_LR = 1e-3  # AdamW learning rate of a (model, batches, loss_fn) factory without --lr
 
@@ -135,7 +142,7 @@ def as_workload(result, spec: str = "factory") -> Workload:
     )
 
 
-def _check_run(steps: int, every: int) -> None:
+def check_run(steps: int, every: int) -> None:
     if not isinstance(steps, int) or steps < every:
         raise GradNoiseError(
             explain(
@@ -163,7 +170,7 @@ def run_profile(
     ran: fewer than ``steps`` only when a one-shot batch iterator ran out (then
     ``batches_exhausted`` is true).
     """
-    _check_run(steps, every)
+    check_run(steps, every)
     lr = workload.lr if lr is None else _check_lr(lr)
     out = check_out_dir(out, create=False)
     monitor = Monitor(
