@@ -104,7 +104,9 @@ class OptimalScalar:
     r""":math:`b^*_k = \sum_{j \ne k} f_j \|s_j\|^2 / \sum_{j \ne k} \|s_j\|^2`."""
 
     def __call__(self, values: torch.Tensor, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        sq_norm = sum(s.flatten(1).pow(2).sum(1) for s in scores)
+        sq_norm = sum(
+            s.reshape(s.shape[0], -1).pow(2).sum(1) for s in scores
+        )  # 0-dim: one coordinate
         return _broadcast(_leave_one_out(values * sq_norm, sq_norm), scores)
 
 

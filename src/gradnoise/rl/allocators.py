@@ -18,6 +18,7 @@ resumes exactly from ``state_dict()``; all input checks run before any state cha
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from numbers import Integral
 from typing import Protocol
 
 import numpy as np
@@ -45,6 +46,16 @@ class RolloutStats:
     @classmethod
     def fresh(cls, prompt_ids: torch.Tensor, *, reward_range=(0.0, 1.0)) -> RolloutStats:
         ids = torch.as_tensor(prompt_ids).reshape(-1).long()
+        unique, counts = torch.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise GradNoiseError(
+                explain(
+                    "RolloutStats.fresh(prompt_ids)",
+                    expected="distinct candidate prompt ids (one group per prompt)",
+                    got=f"duplicated ids {unique[counts > 1][:5].tolist()}",
+                    fix="deduplicate the candidates, e.g. torch.unique(candidates)",
+                )
+            )
         zeros = torch.zeros(len(ids), dtype=torch.float64)
         counts = torch.zeros(len(ids), dtype=torch.long)
         return cls(ids, counts, zeros, zeros.clone(), counts.clone(), tuple(reward_range))
@@ -105,7 +116,21 @@ def apportion(weights: torch.Tensor, budget: int, *, lo: int = 0, hi: int | None
     remainders by largest fractional part (ties to the lower index, so the result is
     deterministic).
     """
-    w = torch.as_tensor(weights, dtype=torch.float64).clamp(min=0)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    ints = all(isinstance(v, Integral) and not isinstance(v, bool) for v in (budget, lo))
+    if not torch.isfinite(w).all() or not ints:
+        bad = torch.nonzero(~torch.isfinite(w.reshape(-1))).reshape(-1)[:5].tolist()
+        raise GradNoiseError(
+            explain(
+                "apportion",
+                expected="finite weights and integer budget, lo and hi",
+                got=f"non-finite weights at positions {bad}"
+                if bad
+                else f"budget={budget!r}, lo={lo!r}, hi={hi!r}",
+                fix="replace inf/NaN weights (e.g. torch.nan_to_num) and pass integer counts",
+            )
+        )
+    w = w.clamp(min=0)
     hi = budget if hi is None else hi
     n = torch.full((len(w),), lo, dtype=torch.long)
     free = budget - int(n.sum())
@@ -185,12 +210,19 @@ class AllocatorBase:
 
     def state_dict(self) -> dict:
         return {
+            "allocator": type(self).__name__,
             "history": self.history.state_dict(),
             "rng": self.rng.bit_generator.state,
             **self._extra_state(),
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ``GradNoiseError`` unless ``state`` has the layout of this allocator's own."""
+        check_state_like(f"{type(self).__name__}.load_state_dict", self.state_dict(), state)
+
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` of the same allocator type and pool size (checked)."""
+        self.check_state_dict(state)
         self.history.load_state_dict(state["history"])
         self.rng.bit_generator.state = state["rng"]
         self._load_extra(state)
@@ -200,6 +232,41 @@ class AllocatorBase:
 
     def _load_extra(self, state: dict) -> None:
         pass
+
+
+def check_state_like(where: str, mine, theirs, path: str = "state") -> None:
+    """Compare a loaded state with a fresh one: same keys, types, tensor shapes and dtypes."""
+
+    def fail(got: str) -> None:
+        raise GradNoiseError(
+            explain(
+                where,
+                expected=f"a state_dict of the same allocator type and pool size ({path})",
+                got=got,
+                fix="load a state saved by an allocator built with the same class and arguments",
+            )
+        )
+
+    if isinstance(mine, dict):
+        if not isinstance(theirs, dict):
+            fail(f"{path} is a {type(theirs).__name__}, not a dict")
+        if set(mine) != set(theirs):
+            fail(f"{path} keys {sorted(map(str, theirs))}, expected {sorted(map(str, mine))}")
+        for key in mine:
+            check_state_like(where, mine[key], theirs[key], f"{path}[{key!r}]")
+    elif isinstance(mine, torch.Tensor):
+        if not isinstance(theirs, torch.Tensor):
+            fail(f"{path} is a {type(theirs).__name__}, not a tensor")
+        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            fail(
+                f"{path} of shape {tuple(theirs.shape)} {theirs.dtype}, expected "
+                f"{tuple(mine.shape)} {mine.dtype}"
+            )
+    elif isinstance(mine, str):
+        if theirs != mine:
+            fail(f"{path}={theirs!r}, expected {mine!r}")
+    elif isinstance(mine, int) and not isinstance(theirs, int):
+        fail(f"{path} is a {type(theirs).__name__}, not an int")
 
 
 class Uniform(AllocatorBase):

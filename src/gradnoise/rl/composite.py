@@ -107,6 +107,24 @@ class SelectThenSample:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; both parts are checked before either is changed."""
+        where = "SelectThenSample.load_state_dict"
+        keys = {"selector", "sampler", "chosen"}
+        ok = isinstance(state, dict) and set(state) == keys and torch.is_tensor(state["chosen"])
+        if not ok:
+            raise GradNoiseError(
+                explain(
+                    where,
+                    expected=f"a SelectThenSample state_dict with keys {sorted(keys)}",
+                    got=f"keys {sorted(map(str, state))}"
+                    if isinstance(state, dict)
+                    else type(state).__name__,
+                    fix="load a state saved by SelectThenSample with the same parts",
+                )
+            )
+        for part, name in ((self.selector, "selector"), (self.sampler, "sampler")):
+            if hasattr(part, "check_state_dict"):
+                part.check_state_dict(state[name])
         self.selector.load_state_dict(state["selector"])
         self.sampler.load_state_dict(state["sampler"])
         self.chosen = state["chosen"].clone()

@@ -48,14 +48,19 @@ class Groups:
 def check_rewards(
     rewards: torch.Tensor, *, where: str, reward_range: tuple[float, float] | None = None
 ) -> None:
-    """Refuse NaN rewards and, when ``reward_range`` is given, rewards outside ``[lo, hi]``."""
-    if torch.isnan(rewards).any():
-        bad = torch.nonzero(torch.isnan(rewards.reshape(-1))).reshape(-1)[:5].tolist()
+    """Refuse NaN or infinite rewards (an inf reward turns every advantage of its group, or of
+    the batch, into NaN/-inf) and, when ``reward_range`` is given, rewards outside ``[lo, hi]``."""
+    rewards = torch.as_tensor(rewards)
+    if rewards.is_floating_point() and not torch.isfinite(rewards).all():
+        flat = rewards.reshape(-1)
+        bad = torch.nonzero(~torch.isfinite(flat)).reshape(-1)[:5].tolist()
         raise GradNoiseError(
             explain(
                 where,
                 expected="finite rewards",
-                got=f"NaN rewards at flat positions {bad}",
+                got=f"NaN rewards or infinite rewards at flat positions {bad} "
+                f"(first: index {bad[0]}, "
+                f"value {flat[bad[0]].item()})",
                 fix="score every response, or drop unscorable ones before computing advantages",
             )
         )

@@ -82,8 +82,17 @@ def elementwise_variance(moments: GradMoments) -> torch.Tensor:
 def trace_covariance(moments: GradMoments) -> torch.Tensor:
     r"""Unbiased :math:`\mathrm{tr}\,\Sigma = (\sum_i \|g_i\|^2 - n\|\bar g\|^2)/(n-1)`."""
     _require_two_examples(moments, "trace_covariance")
-    sum_sq_norm = sq_norm(moments.grad_sum)
-    return _trace_from_sums(moments.n, moments.sq_norm_sum, sum_sq_norm)
+    return _trace_from_sums(moments.n, _as64(moments.sq_norm_sum), _sq_norm64(moments.grad_sum))
+
+
+def _as64(value) -> torch.Tensor:
+    return torch.as_tensor(value).to(torch.float64)
+
+
+def _sq_norm64(tensor: torch.Tensor) -> torch.Tensor:
+    """``||t||^2`` summed in float64, so float32 gradients near 1e30 or 1e-25 neither overflow
+    nor underflow (the scalar results of this module are float64)."""
+    return sq_norm(tensor.to(torch.float64))
 
 
 def _trace_from_sums(n: int, sq_norm_sum, sum_sq_norm):
@@ -161,8 +170,8 @@ def gradient_noise_scale(
     records = list(moments.values()) if isinstance(moments, Mapping) else [moments]
     n = common_count(records, "gradient_noise_scale")
     _require_two_examples(records[0], "gradient_noise_scale")
-    sq_norm_sum = torch.stack([r.sq_norm_sum.reshape(()) for r in records]).sum()
-    sum_sq_norm = torch.stack([sq_norm(r.grad_sum) for r in records]).sum()
+    sq_norm_sum = torch.stack([_as64(r.sq_norm_sum).reshape(()) for r in records]).sum()
+    sum_sq_norm = torch.stack([_sq_norm64(r.grad_sum) for r in records]).sum()
     return noise_scale_from_sums(n, sq_norm_sum, sum_sq_norm)
 
 
@@ -173,8 +182,12 @@ def noise_scale_from_sums(
 
     :math:`\mathrm{tr}\Sigma = (S - \|s\|^2/n)/(n-1)` and
     :math:`\|G\|^2 = \|s\|^2/n^2 - \mathrm{tr}\Sigma/n`; whole-model values are sums of
-    per-parameter ones, so the two scalars may be summed over parameters first.
+    per-parameter ones, so the two scalars may be summed over parameters first. Both are taken
+    to float64 first, so finite inputs give finite answers. A record whose ``sq_norm_sum`` is
+    already inf (float32 per-example norms above ~1.8e19) or 0 by underflow cannot be repaired
+    here: keep such records in float64 (``GradMoments.to(torch.float64)`` before they overflow).
     """
+    sq_norm_sum, sum_sq_norm = _as64(sq_norm_sum), _as64(sum_sq_norm)
     trace = _trace_from_sums(n, sq_norm_sum, sum_sq_norm)
     grad_sq = sum_sq_norm / n**2 - trace / n
     return _estimate(trace, grad_sq, n)
@@ -230,7 +243,7 @@ def norm_test(
         )
     record = total_moments(moments) if isinstance(moments, Mapping) else moments
     trace = float(trace_covariance(record))
-    mean_sq = float(sq_norm(record.grad_sum)) / record.n**2
+    mean_sq = float(_sq_norm64(record.grad_sum)) / record.n**2
     if mean_sq == 0.0:
         return NormTestResult(math.inf, theta, False, math.inf)
     statistic = trace / record.n / mean_sq

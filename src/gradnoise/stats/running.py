@@ -221,8 +221,57 @@ class NoiseScale:
                     fix="construct NoiseScale with the saved beta and window first",
                 )
             )
-        self._avg.load(state["average"])
-        self._names = state["names"]
+        names, average = state.get("names"), state["average"]
+        problem = _state_problem(names, average, self.window)
+        if problem:
+            raise GradNoiseError(
+                explain(
+                    "NoiseScale.load_state_dict",
+                    expected="a state saved by NoiseScale.state_dict (names, steps and averages "
+                    "of matching types and lengths)",
+                    got=problem,
+                    fix="load an unmodified state_dict saved by NoiseScale",
+                )
+            )
+        self._avg.load(average)
+        self._names = None if names is None else list(names)
+
+
+def _state_problem(names, average, window) -> str | None:
+    """What is wrong with a saved ``(names, average)`` pair, or None; nothing is changed."""
+    if not isinstance(average, Mapping):
+        return f"average of type {type(average).__name__}"
+    steps = average.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return f"steps={steps!r}"
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        return f"names of type {type(names).__name__}"
+    width = None if names is None else 2 * len(names)
+    keys = ("steps", "rows") if window is not None else ("steps", "sq_weight", "x", "zz")
+    missing = [k for k in keys if k not in average]
+    if missing:
+        return f"average without {missing}"
+    if window is not None:
+        rows = average["rows"]
+        if rows is None:
+            return None if steps == 0 or names is None else "rows=None after steps > 0"
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != width:
+            return f"rows of shape {getattr(rows, 'shape', type(rows).__name__)}, width {width}"
+        if steps < rows.shape[0] or rows.shape[0] > window:
+            return f"steps={steps} with {rows.shape[0]} rows (window {window})"
+        return None
+    x, zz, sq = average["x"], average["zz"], average["sq_weight"]
+    if steps == 0:
+        return None
+    if not isinstance(sq, (int, float)) or isinstance(sq, bool) or not 0 < sq <= 1:
+        return f"sq_weight={sq!r}"
+    if not isinstance(x, torch.Tensor) or x.shape != (width,):
+        return f"x of shape {getattr(x, 'shape', type(x).__name__)}, expected ({width},)"
+    if not isinstance(zz, torch.Tensor) or zz.shape != (2, 2):
+        return f"zz of shape {getattr(zz, 'shape', type(zz).__name__)}, expected (2, 2)"
+    return None
 
 
 def _check(argument: str, value, ok: bool, expected: str, fix: str) -> None:
