@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.stats.moments import GradMoments
 
 __all__ = [
     "adam_direction",
@@ -15,11 +16,13 @@ __all__ = [
     "check_betas",
     "check_grads",
     "check_group",
+    "check_records",
     "grads_at",
     "group_tensors",
     "is_real",
     "named_groups",
     "named_records",
+    "param_labels",
     "require_closure",
     "require_names",
 ]
@@ -64,19 +67,28 @@ def check_group(opt: Optimizer, group: dict, checker: Callable[[str, dict], None
     checker(owner, {**opt.defaults, **options})
 
 
-def check_grads(owner: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+def check_grads(
+    owner: str,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    labels: Sequence[str] | None = None,
+) -> None:
     """Refuse sparse or non-finite gradients before any state changes (one host sync).
 
     The update is then skipped entirely: parameters and optimizer state are left as they were,
-    so training can continue after the caller drops the bad batch.
+    so training can continue after the caller drops the bad batch. ``labels`` name the
+    parameters in the message (``param_labels`` of the optimizer); by default their positions.
     """
-    for i, grad in enumerate(grads):
+    if labels is None:
+        labels = [f"parameter {i}" for i in range(len(params))]
+    for label, param, grad in zip(labels, params, grads, strict=True):
         if grad.is_sparse:
             raise GradNoiseError(
                 explain(
                     f"{owner}.step",
                     expected="dense gradients",
-                    got=f"a sparse gradient for parameter {i} of shape {tuple(params[i].shape)}",
+                    got=f"a sparse gradient for {label} of shape {tuple(param.shape)} (e.g. from "
+                    "nn.Embedding(sparse=True)); the step was skipped and nothing changed",
                     fix="use a dense embedding (sparse=False) for this optimizer, or a sparse "
                     "optimizer such as torch.optim.SparseAdam for that parameter",
                 )
@@ -90,14 +102,24 @@ def check_grads(owner: str, params: Sequence[torch.Tensor], grads: Sequence[torc
             explain(
                 f"{owner}.step",
                 expected="finite gradients",
-                got=f"NaN or inf gradients at positions {bad[:5]} of the parameters with a "
-                f"gradient "
+                got=f"NaN or inf gradients in {[labels[i] for i in bad[:5]]} "
                 f"(shapes {[tuple(params[i].shape) for i in bad[:5]]}); the step was skipped "
                 "and no parameter or state changed",
                 fix="find the source of the overflow (lower the learning rate, clip, check the "
                 "loss); to skip the batch, catch the error, call zero_grad() and continue",
             )
         )
+
+
+def param_labels(opt: Optimizer) -> dict[torch.Tensor, str]:
+    """A readable label per parameter: its name if the optimizer was built from named
+    parameters, else ``param_groups[g]['params'][i]``."""
+    labels = {}
+    for g, group in enumerate(opt.param_groups):
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            labels[p] = repr(names[i]) if names else f"param_groups[{g}]['params'][{i}]"
+    return labels
 
 
 def group_tensors(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -171,8 +193,14 @@ def require_names(opt: Optimizer, owner: str) -> None:
         )
 
 
-def named_records(opt: Optimizer, moments: object, owner: str) -> dict:
-    """``{name: GradMoments}`` for every named parameter of ``opt``, from GradStats or a dict."""
+def named_records(opt: Optimizer, moments: object, owner: str, *, elementwise: bool) -> dict:
+    """``{name: GradMoments}`` for every parameter of ``opt`` with a gradient, all checked.
+
+    Everything a step needs from the records is checked here, before any state changes: a record
+    per parameter with a gradient, of that parameter's shape, of at least two examples, and with
+    ``elem_sq_sum`` when ``elementwise``. Parameters without a gradient (frozen, or unused in this
+    backward) are skipped by the step, as ``torch.optim`` skips them, so they need no record.
+    """
     if hasattr(moments, "moments") and callable(moments.moments):
         moments = moments.moments()
     if not isinstance(moments, dict):
@@ -184,15 +212,26 @@ def named_records(opt: Optimizer, moments: object, owner: str) -> dict:
                 fix="pass the GradStats object that measured the backward, or stats.moments()",
             )
         )
-    # Parameters without a gradient (frozen, or unused in this backward) are skipped by the step,
-    # so they need no record; GradStats never records them either.
-    names = [
-        n
+    named = [
+        (n, p)
         for g in opt.param_groups
         for n, p in zip(g["param_names"], g["params"], strict=True)
         if p.grad is not None
     ]
-    missing = [n for n in names if n not in moments]
+    frozen = [n for n, p in named if n not in moments and not p.requires_grad]
+    if frozen:
+        raise GradNoiseError(
+            explain(
+                f"{owner}.step(moments=...)",
+                expected="a record for every parameter that has a gradient",
+                got=f"frozen parameters {frozen[:3]} (requires_grad=False) that still hold a "
+                "gradient; GradStats measures trainable parameters only, so they have no record",
+                fix="pass only trainable parameters, e.g. "
+                f"{owner}([(n, p) for n, p in model.named_parameters() if p.requires_grad]), or "
+                "clear their gradients with opt.zero_grad(set_to_none=True) after freezing",
+            )
+        )
+    missing = [n for n, _ in named if n not in moments]
     if missing:
         raise GradNoiseError(
             explain(
@@ -205,7 +244,50 @@ def named_records(opt: Optimizer, moments: object, owner: str) -> dict:
                 "gradients with opt.zero_grad(set_to_none=True)",
             )
         )
+    check_records(owner, [repr(n) for n, _ in named], [p for _, p in named],
+                  [moments[n] for n, _ in named], elementwise=elementwise)  # fmt: skip
     return moments
+
+
+def check_records(
+    owner: str,
+    labels: Sequence[str],
+    params: Sequence[torch.Tensor],
+    records: Sequence[object],
+    *,
+    elementwise: bool,
+) -> None:
+    """Each record is a GradMoments of its parameter's shape, of >= 2 examples (elementwise)."""
+
+    def refuse(label: str, expected: str, got: str, fix: str) -> None:
+        raise GradNoiseError(
+            explain(f"{owner}.step: the record of {label}", expected=expected, got=got, fix=fix)
+        )
+
+    for label, param, rec in zip(labels, params, records, strict=True):
+        if not isinstance(rec, GradMoments):
+            refuse(label, "a GradMoments", type(rec).__name__, "pass stats.moments()")
+        if tuple(rec.grad_sum.shape) != tuple(param.shape):
+            refuse(
+                label,
+                f"moments of the parameter's shape {tuple(param.shape)}",
+                f"shape {tuple(rec.grad_sum.shape)}",
+                "measure the backward with GradStats around the model this optimizer updates",
+            )
+        if rec.n < 2:
+            refuse(
+                label,
+                "moments of at least 2 examples (a noise estimate needs two samples)",
+                f"n={rec.n}",
+                "use a batch size of 2 or more",
+            )
+        if elementwise and rec.elem_sq_sum is None:
+            refuse(
+                label,
+                "elementwise moments (elem_sq_sum)",
+                "elem_sq_sum=None",
+                "measure with GradStats(model, elementwise=True)",
+            )
 
 
 def named_groups(opt: Optimizer, records: dict, keys: tuple[str, ...]):

@@ -42,6 +42,7 @@ from gradnoise.optim._common import (
     check_group,
     group_tensors,
     is_real,
+    param_labels,
 )
 
 __all__ = ["MARS", "mars_correction", "mars_step"]
@@ -152,8 +153,10 @@ class MARS(Optimizer):
                 loss = closure()
         groups = [(group, *group_tensors(group)) for group in self.param_groups]
         # every group is checked before any group is updated, so a refused step changes nothing
+        params = [p for _, ps, _ in groups for p in ps]
+        labels = param_labels(self)
         check_grads(
-            "MARS", [p for _, ps, _ in groups for p in ps], [g for *_, gs in groups for g in gs]
+            "MARS", params, [g for *_, gs in groups for g in gs], [labels[p] for p in params]
         )
         for group, params, grads in groups:
             options = {k: group[k] for k in OPTIONS}

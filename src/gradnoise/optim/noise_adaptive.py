@@ -30,10 +30,13 @@ from gradnoise.optim._common import (
     adam_direction,
     check,
     check_betas,
+    check_grads,
     check_group,
+    check_records,
     is_real,
     named_groups,
     named_records,
+    param_labels,
     require_names,
 )
 from gradnoise.stats.quantities import trace_covariance
@@ -77,8 +80,18 @@ def noise_adaptive_step(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    check_inputs: bool = True,
 ) -> None:
-    """One step in place; ``records[i]`` is the GradMoments of ``params[i]`` for this batch."""
+    """One step in place; ``records[i]`` is the GradMoments of ``params[i]`` for this batch.
+
+    Raises ``GradNoiseError`` before any change on a sparse or non-finite gradient or a record
+    that does not fit its parameter; ``check_inputs=False`` skips that for a caller that has
+    already checked (the shell checks every group first).
+    """
+    if check_inputs:
+        labels = [f"parameter {i}" for i in range(len(params))]
+        check_records("noise_adaptive_step", labels, params, records, elementwise=False)
+        check_grads("noise_adaptive_step", params, grads, labels)
     for param, grad, record, state in zip(params, grads, records, states, strict=True):
         trace = trace_covariance(record).to(param.dtype)
         grad_sq = record.mean.pow(2).sum().to(param.dtype) - trace / record.n
@@ -134,15 +147,22 @@ class NoiseAdaptive(Optimizer):
 
         ``closure`` (optional, as in ``torch.optim``) runs first under ``torch.enable_grad()``;
         its loss is returned. Run it inside the ``GradStats`` context that ``moments`` reads.
-        Parameters without a gradient (frozen or unused) are skipped and need no record.
+        Parameters without a gradient (frozen or unused) are skipped and need no record,
+        as ``torch.optim`` skips them. Everything is checked before any parameter or state
+        changes: a frozen parameter that still holds a gradient is refused by name, as are
+        sparse or non-finite gradients and records of another shape or of one example.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        records = named_records(self, moments, "NoiseAdaptive")
+        # everything is checked before any parameter or state changes
+        records = named_records(self, moments, "NoiseAdaptive", elementwise=False)
+        labels = param_labels(self)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        check_grads("NoiseAdaptive", params, [p.grad for p in params], [labels[p] for p in params])
         for params, grads, recs, states, options in named_groups(self, records, OPTIONS):
-            noise_adaptive_step(params, grads, recs, states, **options)
+            noise_adaptive_step(params, grads, recs, states, **options, check_inputs=False)
         return loss
 
 

@@ -24,10 +24,13 @@ from gradnoise.optim._common import (
     adam_direction,
     check,
     check_betas,
+    check_grads,
     check_group,
+    check_records,
     is_real,
     named_groups,
     named_records,
+    param_labels,
     require_names,
 )
 from gradnoise.stats.quantities import gsnr
@@ -39,7 +42,7 @@ OPTIONS = ("lr", "gamma", "betas", "eps", "weight_decay")
 
 def vrgd_scale(record, *, gamma: float) -> torch.Tensor:
     """The bounded, mean-normalized GSNR factor :math:`s` of one parameter's record."""
-    r = gsnr(record)
+    r = gsnr(record, unbiased=False)  # the paper's plug-in ratio
     return (r / r.mean().clamp_min(1e-30)).clamp(1 - gamma, 1 + gamma)
 
 
@@ -55,8 +58,18 @@ def vrgd_step(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    check_inputs: bool = True,
 ) -> None:
-    """One VR-Adam step in place; ``records[i]`` is the elementwise GradMoments of ``params[i]``."""
+    """One VR-Adam step in place; ``records[i]`` is the elementwise GradMoments of ``params[i]``.
+
+    Raises ``GradNoiseError`` before any change on a sparse or non-finite gradient or a record
+    that does not fit its parameter; ``check_inputs=False`` skips that for a caller that has
+    already checked (the shell checks every group first).
+    """
+    if check_inputs:
+        labels = [f"parameter {i}" for i in range(len(params))]
+        check_records("vrgd_step", labels, params, records, elementwise=True)
+        check_grads("vrgd_step", params, grads, labels)
     for param, grad, record, state in zip(params, grads, records, states, strict=True):
         scale = vrgd_scale(record, gamma=gamma).to(param.dtype)
         direction = adam_direction(state, grad, betas=betas, eps=eps)
@@ -101,15 +114,22 @@ class VRGD(Optimizer):
 
         ``closure`` (optional, as in ``torch.optim``) runs first under ``torch.enable_grad()``;
         its loss is returned. Run it inside the ``GradStats`` context that ``moments`` reads.
-        Parameters without a gradient (frozen or unused) are skipped and need no record.
+        Parameters without a gradient (frozen or unused) are skipped and need no record,
+        as ``torch.optim`` skips them. Everything is checked before any parameter or state
+        changes: a frozen parameter that still holds a gradient is refused by name, as are
+        sparse or non-finite gradients and records of another shape or of one example.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        records = named_records(self, moments, "VRGD")
+        # everything is checked before any parameter or state changes
+        records = named_records(self, moments, "VRGD", elementwise=True)
+        labels = param_labels(self)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        check_grads("VRGD", params, [p.grad for p in params], [labels[p] for p in params])
         for params, grads, recs, states, options in named_groups(self, records, OPTIONS):
-            vrgd_step(params, grads, recs, states, **options)
+            vrgd_step(params, grads, recs, states, **options, check_inputs=False)
         return loss
 
 
