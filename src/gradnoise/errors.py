@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BatchCouplingError",
     "GradNoiseError",
+    "NonFiniteGradientError",
     "NotReadyError",
     "UnsupportedModuleError",
     "explain",
@@ -26,6 +27,11 @@ class UnsupportedModuleError(GradNoiseError):
 
 class BatchCouplingError(GradNoiseError):
     """A module mixes examples of the batch, so per-example gradients are not defined."""
+
+
+class NonFiniteGradientError(GradNoiseError):
+    """A step's gradients hold NaN or inf: its statistics are undefined (running estimators
+    such as ``NoiseScale`` and ``Monitor`` skip such a step and count it)."""
 
 
 class NotReadyError(GradNoiseError, RuntimeError):

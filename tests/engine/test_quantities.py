@@ -34,11 +34,14 @@ def test_elementwise_variance_and_trace_match_torch_var():
     torch.testing.assert_close(trace_covariance(moments), grads.var(0).sum())
 
 
-def test_gsnr_is_mean_squared_over_variance():
+def test_gsnr_takes_the_noise_out_of_the_squared_mean():
     grads, moments = _random_moments()
-    want = grads.mean(0).pow(2) / grads.var(0)
+    variance = grads.var(0)
+    want = (grads.mean(0).pow(2) - variance / len(grads)) / variance
     torch.testing.assert_close(gsnr(moments), want)
-    assert layer_gsnr(moments) == pytest.approx(float(want.mean()))
+    torch.testing.assert_close(gsnr(moments, unbiased=False), grads.mean(0).pow(2) / variance)
+    signal = grads.mean(0).pow(2).sum() - variance.sum() / len(grads)
+    assert layer_gsnr(moments) == pytest.approx(float(signal / variance.sum()))
 
 
 def test_merge_of_parts_equals_the_whole():

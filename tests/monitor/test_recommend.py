@@ -28,11 +28,32 @@ def test_growth_is_mentioned_only_when_the_scale_at_least_doubled():
     assert "grew" not in batch_advice(128, READING, {"b_simple": 60.0})
 
 
-def test_layer_advice_names_lowest_and_highest():
-    text = layer_advice({"a": 0.5, "b": 0.01, "c": 3.0, "d": 1.0}, count=2)
-    assert "Lowest signal-to-noise (mean GSNR): b (0.01), a (0.5)." in text
-    assert "Highest: c (3), d (1)." in text
-    assert "No per-layer GSNR" in layer_advice({})
+def _steps(per_layer: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """Step records holding the given (trace, grad_sq) pairs per layer, one pair per step."""
+    count = len(next(iter(per_layer.values())))
+    return [
+        {
+            "layer_trace": {name: pairs[i][0] for name, pairs in per_layer.items()},
+            "layer_grad_sq": {name: pairs[i][1] for name, pairs in per_layer.items()},
+        }
+        for i in range(count)
+    ]
+
+
+def test_layer_advice_ranks_by_the_ratio_of_late_means_with_bands():
+    steps = _steps(
+        {
+            "a": [(1.0, 0.5)] * 2,  # GSNR 0.5, no spread: band collapses onto the value
+            "b": [(1.0, -0.02), (1.0, 0.04)],  # 0.01, band through 0
+            "c": [(1.0, 3.0)] * 2,
+        }
+    )
+    text = layer_advice(steps, count=2)
+    assert "Lowest signal-to-noise (GSNR = |G|^2 / tr(Sigma)" in text
+    assert "): b (0.01, 0 to " in text and "a (0.5, 0.5 to 0.5)" in text
+    assert "Highest: c (3, 3 to 3), a (0.5" in text
+    assert "1 of 3 parameters have a band that reaches 0" in text
+    assert "No per-layer GSNR" in layer_advice([{}])
 
 
 def test_overhead_text_quotes_the_measured_figures():
@@ -52,6 +73,13 @@ def test_overhead_text_quotes_the_measured_figures():
     assert "not measured" in overhead_text({"overhead_fraction": None})
 
 
-def test_console_helpers():
-    assert fmt(None) == "n/a" and fmt(1234.5) == "1.23e+03" and fmt(2e7) == "2.00e+07"
-    assert noisiest({"gsnr": {"a": 2.0, "b": None, "c": 0.5}}, 1) == [("c", 0.5)]
+def test_numbers_are_written_out_in_plain_figures():
+    assert fmt(None) == "n/a" and fmt(float("nan")) == "n/a" and fmt(float("inf")) == "unbounded"
+    assert fmt(1234.5) == "1,230" and fmt(2e7) == "20,000,000" and fmt(837.4) == "837"
+    assert fmt(0.000123) == "0.000123" and fmt(0.0311, 2) == "0.031" and fmt(5.0) == "5"
+
+
+def test_console_ranking_is_the_reports():
+    steps = _steps({"a": [(1.0, 2.0)] * 2, "b": [(1.0, 0.1)] * 2, "c": [(0.0, 0.0)] * 2})
+    assert noisiest(steps, 1) == [("b", pytest.approx(0.1))]
+    assert [name for name, _ in noisiest(steps)] == ["b", "a"]  # c undefined: left out

@@ -6,30 +6,46 @@ training thread, so its cost is part of the monitor's measured overhead (no rend
 
 from __future__ import annotations
 
+import math
 import time
 
+import numpy as np
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["ConsoleView", "fmt", "noisiest"]
+from gradnoise.monitor.summary import gsnr_ranking
+
+__all__ = ["ConsoleView", "fmt", "noisiest", "plain"]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
-    """A compact number, or ``n/a`` for a missing one."""
-    if value is None:
+    """A number as prose writes it: ``digits`` significant figures, never scientific notation.
+
+    ``837.4 -> "837"``, ``12345 -> "12,300"``, ``0.000123 -> "0.000123"``; ``None`` or NaN reads
+    ``n/a`` and infinity ``unbounded``.
+    """
+    if value is None or math.isnan(value):
         return "n/a"
-    return f"{value:.{digits}g}" if abs(value) < 1e6 else f"{value:.2e}"
+    if math.isinf(value):
+        return "unbounded" if value > 0 else "-unbounded"
+    rounded = float(f"{value:.{digits}g}")  # significant figures, then written out in full
+    if rounded == int(rounded) and abs(rounded) >= 1:
+        return f"{int(rounded):,}"
+    return np.format_float_positional(rounded, trim="-")
 
 
-def noisiest(record: dict, count: int = 3) -> list[tuple[str, float]]:
-    """The ``count`` parameters with the lowest GSNR in ``record``."""
-    values = [(name, v) for name, v in record.get("gsnr", {}).items() if v is not None]
-    return sorted(values, key=lambda item: item[1])[:count]
+plain = fmt
 
 
-def _table(record: dict) -> Table:
+def noisiest(steps: list[dict], count: int = 3) -> list[tuple[str, float]]:
+    """The ``count`` parameters with the lowest late GSNR so far (the report's ranking)."""
+    ranked = gsnr_ranking(steps)
+    return [(name, g.value) for name, g in ranked if math.isfinite(g.value)][:count]
+
+
+def _table(record: dict, steps: list[dict]) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     band = f"[{fmt(record.get('ci_low'))}, {fmt(record.get('ci_high'))}]"
     table.add_row("loss", fmt(record.get("loss"), 4))
@@ -38,8 +54,10 @@ def _table(record: dict) -> Table:
         "critical batch size ~",
         f"{fmt(record.get('b_simple'))}  (batch size now {record.get('batch_size')})",
     )
-    layers = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in noisiest(record))
+    layers = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in noisiest(steps))
     table.add_row("lowest GSNR layers", layers or "n/a")
+    if record.get("skipped_steps"):
+        table.add_row("skipped (NaN/inf) steps", str(record["skipped_steps"]))
     return table
 
 
@@ -61,11 +79,14 @@ class ConsoleView:
     def _group(self) -> Group:
         return Group(self._progress, self._table)
 
-    def tick(self, step: int, record: dict | None = None) -> None:
-        """Advance to ``step``; redraw if a record arrived or the refresh interval passed."""
+    def tick(self, step: int, record: dict | None = None, steps: list[dict] = ()) -> None:
+        """Advance to ``step``; redraw if a record arrived or the refresh interval passed.
+
+        ``steps`` are the step records so far (for the layer ranking the report will show).
+        """
         self._progress.update(self._task, completed=step + 1)
         if record is not None:
-            self._table = _table(record)
+            self._table = _table(record, list(steps) or [record])
             self._live.update(self._group())
         now = time.perf_counter()
         if record is not None or now - self._last >= self._interval:

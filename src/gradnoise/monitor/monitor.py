@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
 from gradnoise.monitor.checks import check_every, check_out_dir
 from gradnoise.monitor.console import ConsoleView
 from gradnoise.monitor.noise import NoiseScale
@@ -54,7 +54,8 @@ class Monitor:
         every: measure one step in ``every``; the rest run without hooks.
         console: show the live rich view; ``total_steps`` sizes its progress bar.
         tensorboard: also write TensorBoard events when the package is installed.
-        elementwise: collect elementwise moments, needed for the per-layer GSNR.
+        elementwise: also collect elementwise moments (per-coordinate variances; the per-layer
+            GSNR does not need them, so they are off by default).
         beta: smoothing of the running noise scale (per measured step).
         report: write plots and report.html on :meth:`close`.
 
@@ -73,7 +74,7 @@ class Monitor:
         console: bool = False,
         total_steps: int | None = None,
         tensorboard: bool = True,
-        elementwise: bool = True,
+        elementwise: bool = False,
         beta: float = 0.9,
         report: bool = True,
     ) -> None:
@@ -95,6 +96,7 @@ class Monitor:
         self.model, self.every, self.elementwise, self.report = model, every, elementwise, report
         self.noise = NoiseScale(beta=beta)
         self.records: list[dict] = []
+        self.skipped_steps = 0  # measured steps left out because their gradients were not finite
         self.meta: dict = {}
         self.coverage: dict[str, str] | None = None
         self._sinks: list[Sink] = make_sinks(self.out, tensorboard=tensorboard) if self.out else []
@@ -155,10 +157,23 @@ class Monitor:
         (self._measured if stats is not None else self._plain).append(body)
         record = self._measure(stats) if stats is not None else None
         if self._view is not None:
-            self._view.tick(self._step, record)
+            self._view.tick(self._step, record, self.records)
         return record
 
-    def _measure(self, stats: GradStats) -> dict:
+    def _finite(self, stats: GradStats) -> bool:
+        """Whether the measured step's gradients are finite (one sync; measured steps only)."""
+        try:
+            norms = stats.total_sq_norms()
+        except NonFiniteGradientError:
+            return False
+        return bool(torch.isfinite(norms).all())
+
+    def _measure(self, stats: GradStats) -> dict | None:
+        if not self._finite(stats):
+            # An inf/NaN step (fp16 overflow, a bad batch) is counted, never averaged in.
+            self.noise.skip()
+            self.skipped_steps += 1
+            return None
         self.noise.update(stats)
         if self.coverage is None:
             self.coverage = stats.coverage()
@@ -189,6 +204,7 @@ class Monitor:
             "kind": "run",
             "every": self.every,
             "steps": self._step,
+            "skipped_steps": self.skipped_steps,
             **timing,
             "coverage": self.coverage or {},
             **self.meta,

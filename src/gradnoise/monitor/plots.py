@@ -2,7 +2,7 @@
 
 * ``noise_scale.png``: the running B_simple with its band, each batch's own estimate and the
   batch size.
-* ``gsnr.png``: per-layer GSNR averaged over the second half of training, lowest first.
+* ``gsnr.png``: per-layer GSNR over the second half of training with its band, lowest first.
 * ``norms.png``: the distribution of per-example gradient norms, early versus late in training.
 * ``loss.png``: the training loss at the measured steps.
 """
@@ -17,7 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["late_gsnr", "write_plots"]
+from gradnoise.monitor.summary import gsnr_ranking
+
+__all__ = ["write_plots"]
 
 
 def _series(steps: list[dict], key: str) -> list[float]:
@@ -45,28 +47,26 @@ def plot_noise_scale(steps: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def late_gsnr(steps: list[dict]) -> dict[str, float]:
-    """Mean GSNR of every parameter over the second half of the measured steps."""
-    late = steps[len(steps) // 2 :]
-    sums: dict[str, list[float]] = {}
-    for record in late:
-        for name, value in record.get("gsnr", {}).items():
-            if value is not None:
-                sums.setdefault(name, []).append(value)
-    return {name: sum(values) / len(values) for name, values in sums.items()}
-
-
 def plot_gsnr(steps: list[dict], path: Path) -> Path:
-    values = sorted(late_gsnr(steps).items(), key=lambda item: item[1])
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(values) + 1)))
-    if values:
-        ax.barh([name for name, _ in values], [v for _, v in values], color="tab:orange")
-        ax.set_xscale("log")
+    """Late-half GSNR of every parameter, lowest first, with its 90% band, on a linear axis."""
+    ranked = [(name, g) for name, g in gsnr_ranking(steps) if math.isfinite(g.value)]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.22 * len(ranked) + 1)))
+    if ranked:
+        names = [name for name, _ in ranked]
+        values = [g.value for _, g in ranked]
+        low = [g.low if math.isfinite(g.low) else g.value for _, g in ranked]
+        high = [g.high if math.isfinite(g.high) else g.value for _, g in ranked]
+        ax.hlines(names, low, high, color="tab:orange", lw=1.5)
+        ax.plot(values, names, "o", ms=3, color="tab:red")
+        ax.axvline(0, color="k", lw=0.8)
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
     else:
-        ax.text(0.5, 0.5, "no GSNR recorded (elementwise=False)", ha="center")
-    ax.set(xlabel="mean GSNR (signal / noise per coordinate)", title="Per-layer GSNR, lowest first")
+        ax.text(0.5, 0.5, "no GSNR recorded", ha="center")
+    ax.set(
+        xlabel="GSNR = |G|^2 / tr(Sigma) (90% band; 0 = no signal)",
+        title="Per-layer GSNR over the late half of training, lowest first",
+    )
     return _save(fig, path)
 
 

@@ -8,7 +8,10 @@ mostly noise (cheap in compute, many steps); well above it, extra examples add l
 
 from __future__ import annotations
 
-from gradnoise.monitor.console import fmt
+import math
+
+from gradnoise.monitor.console import fmt, plain
+from gradnoise.monitor.summary import GsnrSummary, gsnr_ranking
 
 __all__ = ["batch_advice", "layer_advice", "overhead_text"]
 
@@ -56,18 +59,33 @@ def _growth(first: dict | None, b: float) -> str:
     )
 
 
-def layer_advice(gsnr: dict[str, float], count: int = 3) -> str:
-    """One paragraph naming the parameters with the lowest and the highest mean GSNR."""
-    if not gsnr:
-        return "No per-layer GSNR was recorded (measure with elementwise=True to get it)."
-    ranked = sorted(gsnr.items(), key=lambda item: item[1])
-    low = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in ranked[:count])
-    high = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in ranked[::-1][:count])
-    return (
-        f"Lowest signal-to-noise (mean GSNR): {low}. Their gradients are mostly noise at this "
-        "batch size; they gain most from larger batches or a smaller learning rate. "
-        f"Highest: {high}."
+def layer_advice(steps: list[dict], count: int = 3) -> str:
+    """One paragraph naming the parameters with the lowest and the highest late GSNR."""
+    ranked = [(n, g) for n, g in gsnr_ranking(steps) if math.isfinite(g.value)]
+    if not ranked:
+        return "No per-layer GSNR was recorded (it needs batches of 2 or more examples)."
+
+    def named(items) -> str:
+        return ", ".join(f"{name} ({_gsnr_text(g)})" for name, g in items)
+
+    quiet = [name for name, g in ranked if not g.low > 0]
+    text = (
+        f"Lowest signal-to-noise (GSNR = |G|^2 / tr(Sigma) over the late half of training, "
+        f"90% band): {named(ranked[:count])}. Highest: {named(ranked[::-1][:count])}."
     )
+    if quiet:
+        text += (
+            f" {len(quiet)} of {len(ranked)} parameters have a band that reaches 0: at this "
+            "batch size their mean gradient cannot be told apart from its noise; they gain "
+            "most from larger batches or a smaller learning rate."
+        )
+    return text
+
+
+def _gsnr_text(g: GsnrSummary) -> str:
+    if not math.isfinite(g.low):
+        return plain(g.value)
+    return f"{plain(g.value)}, {plain(g.low)} to {plain(g.high)}"
 
 
 def overhead_text(run: dict | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.stats.engine import GradStats
-from gradnoise.stats.quantities import layer_gsnr
+from gradnoise.stats.running import step_estimates
 
 __all__ = ["METRICS_FILE", "Metrics", "clean", "read_metrics", "step_record", "write_line"]
 
@@ -33,9 +33,16 @@ def clean(value: Any) -> Any:
     return value
 
 
-def _layer_gsnr(stats: GradStats) -> dict[str, float]:
-    moments = stats.moments()
-    return {name: layer_gsnr(record) for name, record in moments.items() if record.n >= 2}
+def _layer_estimates(stats: GradStats) -> dict[str, dict[str, float]]:
+    """Per parameter, this batch's unbiased tr(Sigma), |G|^2 and their ratio, the layer GSNR."""
+    names, traces, sqs = step_estimates(stats)
+    traces, sqs = traces.tolist(), sqs.tolist()
+    ratios = [q / t if t > 0 else math.nan for t, q in zip(traces, sqs, strict=True)]
+    return {
+        "layer_trace": dict(zip(names, traces, strict=True)),
+        "layer_grad_sq": dict(zip(names, sqs, strict=True)),
+        "gsnr": dict(zip(names, ratios, strict=True)),
+    }
 
 
 def step_record(stats: GradStats, reading, *, step: int, loss: float, seconds: float) -> dict:
@@ -52,11 +59,12 @@ def step_record(stats: GradStats, reading, *, step: int, loss: float, seconds: f
             "b_simple": reading.b_simple,
             "ci_low": reading.ci_low,
             "ci_high": reading.ci_high,
+            "skipped_steps": reading.skipped,
             "b_batch": batch.b_simple,
             "trace_sigma": batch.trace_sigma,
             "grad_sq_norm": batch.grad_sq_norm,
             "layer_noise_scale": dict(reading.per_layer),
-            "gsnr": _layer_gsnr(stats) if stats.elementwise else {},
+            **(_layer_estimates(stats) if stats.batch_size >= 2 else {}),
             "example_norms": [round(v, 6) for v in norms.tolist()],
         }
     )
@@ -123,7 +131,8 @@ def _bad_field(record: dict) -> tuple[str, str] | None:
     for key in numbers:
         if not _is_number(record.get(key)):
             return key, "a number or null"
-    for key in ("batch_size",) if record["kind"] == "step" else ("steps", "every"):
+    counts = ("batch_size", "skipped_steps") if record["kind"] == "step" else ("steps", "every")
+    for key in counts + (("skipped_steps",) if record["kind"] == "run" else ()):
         if not _is_count(record.get(key)):
             return key, "an integer or null"
     if record["kind"] == "run":
@@ -131,7 +140,7 @@ def _bad_field(record: dict) -> tuple[str, str] | None:
         if coverage is not None and not isinstance(coverage, dict):
             return "coverage", "an object {parameter: how}"
         return None
-    for key in ("gsnr", "layer_noise_scale"):
+    for key in ("gsnr", "layer_noise_scale", "layer_trace", "layer_grad_sq"):
         value = record.get(key, {})
         if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
             return key, "an object {parameter: number or null}"

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from gradnoise.monitor.console import fmt
-from gradnoise.monitor.plots import late_gsnr, write_plots
+from gradnoise.monitor.plots import write_plots
 from gradnoise.monitor.recommend import batch_advice, layer_advice, overhead_text
 from gradnoise.monitor.records import Metrics, read_metrics
 
@@ -45,11 +45,18 @@ def _facts(metrics: Metrics) -> str:
         ("noise scale B_simple (latest)", fmt(last.get("b_simple"))),
         ("90% band", f"{fmt(last.get('ci_low'))} to {fmt(last.get('ci_high'))}"),
         ("final loss", fmt(last.get("loss"), 4)),
+        ("measured steps skipped (NaN/inf gradients)", _skipped(last, run)),
     ]
     cells = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     return f"<table>{cells}</table>"
+
+
+def _skipped(last: dict, run: dict) -> int:
+    """Skips counted by the run summary, else by the last step record (a run cut short)."""
+    counts = [run.get("skipped_steps"), last.get("skipped_steps")]
+    return max((c for c in counts if c is not None), default=0)
 
 
 def _coverage(run: dict | None) -> str:
@@ -66,7 +73,7 @@ def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:
     """The report page for ``metrics`` with the PNG files of ``plots`` embedded."""
     paragraphs = [
         batch_advice(metrics.batch_size, metrics.steps[-1], metrics.steps[0]),
-        layer_advice(late_gsnr(metrics.steps)),
+        layer_advice(metrics.steps),
         overhead_text(metrics.run),
     ]
     if metrics.skipped:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
 from gradnoise.layers.registry import Pieces, batched_sq_norms, sq_norm
 from gradnoise.stats.moments import GradMoments
 
@@ -116,7 +116,7 @@ def check_residual(
     tolerance = residual_tolerance(dtype)
     residual, total = residual_sq**0.5, total_sq**0.5
     if not math.isfinite(residual) or not math.isfinite(total):
-        raise GradNoiseError(
+        raise NonFiniteGradientError(
             explain(
                 f"parameter {name!r}",
                 expected="finite gradients",

@@ -18,64 +18,129 @@ import torch
 __all__ = ["EmaAverage", "WindowAverage", "fieller_interval", "student_quantile"]
 
 
+def _ok(ok: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=torch.bool, device=like.device) if ok is None else ok
+
+
 class EmaAverage:
-    """Bias-corrected exponential weights :math:`w_s \\propto (1-\\beta)\\beta^{t-s}`."""
+    r"""Bias-corrected exponential weights :math:`w_s \propto (1-\beta)\beta^{t-s}`.
+
+    ``push(x, zz, ok)`` with a 0-dim bool ``ok`` that is false leaves the average exactly as it
+    was (the step is skipped, not given weight 0 inside the decay); skips are counted. Both are
+    tensor ops, so a skip needs no host sync.
+    """
 
     def __init__(self, beta: float) -> None:
-        self.beta, self.steps, self.sq_weight = beta, 0, 0.0
+        self.beta, self.pushes = beta, 0
+        self.good: torch.Tensor | None = None
+        self.sq_weight: torch.Tensor | None = None
         self.sum_x: torch.Tensor | None = None
         self.sum_zz: torch.Tensor | None = None
 
-    def push(self, x: torch.Tensor, zz: torch.Tensor) -> None:
-        b = self.beta
-        self.sum_x = (1 - b) * x if self.sum_x is None else b * self.sum_x + (1 - b) * x
-        self.sum_zz = (1 - b) * zz if self.sum_zz is None else b * self.sum_zz + (1 - b) * zz
-        self.sq_weight = b * b * self.sq_weight + (1 - b) ** 2
-        self.steps += 1
+    def push(self, x: torch.Tensor, zz: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        b, ok = self.beta, _ok(ok, x)
+        if self.sum_x is None:
+            self.sum_x, self.sum_zz = torch.zeros_like(x), torch.zeros_like(zz)
+            self.good = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.sq_weight = torch.zeros((), dtype=torch.float64, device=x.device)
+        self.sum_x = torch.where(ok, b * self.sum_x + (1 - b) * x, self.sum_x)
+        self.sum_zz = torch.where(ok, b * self.sum_zz + (1 - b) * zz, self.sum_zz)
+        self.sq_weight = torch.where(ok, b * b * self.sq_weight + (1 - b) ** 2, self.sq_weight)
+        self.good = self.good + ok
+        self.pushes += 1
+
+    @property
+    def steps(self) -> int:
+        """Steps averaged (skipped ones excluded); one host sync."""
+        return 0 if self.good is None else int(self.good)
+
+    @property
+    def skipped(self) -> int:
+        return self.pushes - self.steps
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Normalized ``(E_w[x], E_w[z z^T], sum_s w_s^2)``."""
         mass = 1 - self.beta**self.steps
-        return self.sum_x / mass, self.sum_zz / mass, self.sq_weight / mass**2
+        return self.sum_x / mass, self.sum_zz / mass, float(self.sq_weight) / mass**2
 
     def state(self) -> dict:
+        steps = self.steps
         return {
-            "steps": self.steps,
-            "sq_weight": self.sq_weight,
+            "steps": steps,
+            "skipped": self.pushes - steps,
+            "sq_weight": 0.0 if self.sq_weight is None else float(self.sq_weight),
             "x": self.sum_x,
             "zz": self.sum_zz,
         }
 
     def load(self, state: dict) -> None:
-        self.steps, self.sq_weight = state["steps"], state["sq_weight"]
+        steps, skipped = state["steps"], state.get("skipped", 0)
+        self.pushes = steps + skipped
         self.sum_x, self.sum_zz = state["x"], state["zz"]
+        if self.sum_x is None:
+            self.good = self.sq_weight = None
+            return
+        device = self.sum_x.device
+        self.good = torch.tensor(float(steps), dtype=torch.float64, device=device)
+        self.sq_weight = torch.tensor(state["sq_weight"], dtype=torch.float64, device=device)
 
 
 class WindowAverage:
-    """Equal weights over the last ``size`` steps (the classical batch-means estimator)."""
+    """Equal weights over the last ``size`` pushed steps (the classical batch-means estimator).
+
+    Skipped steps (``ok`` false) keep their place in the window but not in the average.
+    """
 
     def __init__(self, size: int) -> None:
-        self.size, self.steps = size, 0
+        self.size, self.pushes = size, 0
         self.rows: deque[torch.Tensor] = deque(maxlen=size)
+        self.oks: deque[torch.Tensor] = deque(maxlen=size)
+        self.good: torch.Tensor | None = None
 
-    def push(self, x: torch.Tensor, zz: torch.Tensor) -> None:
+    def push(self, x: torch.Tensor, zz: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        ok = _ok(ok, x)
         self.rows.append(x)
-        self.steps += 1
+        self.oks.append(ok)
+        self.good = ok.double() if self.good is None else self.good + ok
+        self.pushes += 1
+
+    @property
+    def steps(self) -> int:
+        """Steps averaged over the run (skipped ones excluded); one host sync."""
+        return 0 if self.good is None else int(self.good)
+
+    @property
+    def skipped(self) -> int:
+        return self.pushes - self.steps
+
+    def _good_rows(self) -> torch.Tensor:
+        if not self.rows:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        return torch.stack(list(self.rows))[torch.stack(list(self.oks))]
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        rows = torch.stack(list(self.rows))
+        rows = self._good_rows()
+        if len(rows) == 0:  # every step in the window was skipped
+            nan = torch.full((self.rows[0].shape[0],), math.nan, dtype=torch.float64)
+            return nan, torch.full((2, 2), math.nan, dtype=torch.float64), 1.0
         half = rows.shape[1] // 2
         z = torch.stack([rows[:, :half].sum(1), rows[:, half:].sum(1)], dim=1)
         return rows.mean(0), z.T @ z / len(rows), 1.0 / len(rows)
 
     def state(self) -> dict:
-        rows = torch.stack(list(self.rows)) if self.rows else None
-        return {"steps": self.steps, "rows": rows}
+        rows = self._good_rows() if self.rows else None
+        steps = self.steps
+        return {"steps": steps, "skipped": self.pushes - steps, "rows": rows}
 
     def load(self, state: dict) -> None:
-        self.steps = state["steps"]
+        steps, skipped = state["steps"], state.get("skipped", 0)
+        self.pushes = steps + skipped
         rows = state["rows"]
         self.rows = deque([] if rows is None else list(rows), maxlen=self.size)
+        self.oks = deque([torch.ones((), dtype=torch.bool) for _ in self.rows], maxlen=self.size)
+        self.good = (
+            torch.tensor(float(steps), dtype=torch.float64) if steps or rows is not None else None
+        )
 
 
 def fieller_interval(

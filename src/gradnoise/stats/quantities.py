@@ -198,19 +198,40 @@ def noise_scale_per_layer(per_param: Mapping[str, GradMoments]) -> dict[str, Noi
     return {name: gradient_noise_scale(record) for name, record in per_param.items()}
 
 
-def gsnr(moments: GradMoments, *, eps: float = 1e-30) -> torch.Tensor:
-    r"""Per-coordinate gradient signal-to-noise ratio :math:`r_j = \bar g_j^2 / \hat\sigma_j^2`.
+def gsnr(moments: GradMoments, *, unbiased: bool = True, eps: float = 1e-30) -> torch.Tensor:
+    r"""Per-coordinate gradient signal-to-noise ratio :math:`r_j = \mu_j^2 / \sigma_j^2`.
 
     Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
-    Parameters". ``eps`` guards coordinates with zero variance (e.g. unused embedding rows).
+    Parameters". The squared mean of ``n`` samples estimates :math:`\mu_j^2 + \sigma_j^2/n`,
+    not :math:`\mu_j^2`, so the plug-in ratio :math:`\bar g_j^2/\hat\sigma_j^2` has a floor of
+    about ``1/n`` even with no signal at all. With ``unbiased=True`` (the default) the numerator
+    is :math:`\bar g_j^2 - \hat\sigma_j^2/n`, whose expectation is exactly :math:`\mu_j^2`: a
+    coordinate without signal reads 0 on average and single readings may be negative (never
+    clipped, which would bring the floor back). ``unbiased=False`` gives the plug-in ratio that
+    VRGD's paper uses. ``eps`` guards coordinates with zero variance (unused embedding rows).
     """
     variance = elementwise_variance(moments)
-    return moments.mean.pow(2) / variance.clamp_min(eps)
+    signal = moments.mean.pow(2)
+    if unbiased:
+        signal = signal - variance / moments.n
+    return signal / variance.clamp_min(eps)
 
 
-def layer_gsnr(moments: GradMoments, *, eps: float = 1e-30) -> float:
-    """The mean GSNR over a parameter's coordinates (the per-layer summary Liu et al. plot)."""
-    return float(gsnr(moments, eps=eps).mean())
+def layer_gsnr(moments: GradMoments) -> float:
+    r"""A parameter's GSNR as a ratio of sums: :math:`\widehat{\|G\|^2} / \widehat{\mathrm{tr}\,\Sigma}`.
+
+    :math:`\sum_j \hat\mu_j^2 / \sum_j \hat\sigma_j^2` with both sums unbiased (the
+    construction of the noise scale, so this is ``1 / B_simple`` of the parameter). Unlike the
+    mean of per-coordinate ratios it has no ``1/n`` floor, needs no elementwise moments and is
+    defined for ``n >= 2``: near 0 (either sign) when the parameter's mean gradient is
+    indistinguishable from its noise; NaN when the variance estimate is not positive. Average
+    its numerator and denominator over steps separately (the report does) to read it with an
+    interval.
+    """
+    _require_two_examples(moments, "layer_gsnr")
+    trace = float(trace_covariance(moments))
+    grad_sq = float(_sq_norm64(moments.grad_sum)) / moments.n**2 - trace / moments.n
+    return grad_sq / trace if trace > 0 else math.nan
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class NoiseScaleReading:
     per_layer: dict[str, float]
     steps: int
     defined: bool
+    skipped: int = 0
 
 
 def _moments_estimates(record: GradMoments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +143,29 @@ class NoiseScale:
         self.beta, self.window, self.confidence = beta, window, confidence
         self._names: list[str] | None = None
         self._avg = EmaAverage(beta) if window is None else WindowAverage(window)
+        self._device = torch.device("cpu")
+        self._pending_skips = 0  # skips before the first readable step (width still unknown)
 
     @property
     def steps(self) -> int:
+        """Steps in the average; skipped (non-finite) ones are not counted. One host sync."""
         return self._avg.steps
+
+    @property
+    def skipped(self) -> int:
+        """Steps left out because their record held NaN or inf (one host sync)."""
+        return self._avg.skipped
+
+    def skip(self) -> None:
+        """Count a step whose record could not be read at all (e.g. GradStats refused it as
+        non-finite) as skipped, without touching the average."""
+        if self._names is None:
+            self._pending_skips += 1
+            return
+        device = self._device
+        nothing = torch.zeros(2 * len(self._names), dtype=torch.float64, device=device)
+        zz = torch.zeros(2, 2, dtype=torch.float64, device=device)
+        self._avg.push(nothing, zz, torch.zeros((), dtype=torch.bool, device=device))
 
     def update(self, source: Source) -> None:
         """Add one step's record: GradStats, ``{name: GradMoments}``, GradMoments, TwoBatchNorms."""
@@ -162,9 +182,15 @@ class NoiseScale:
                     fix="feed records of the same parameters every step, or start a new NoiseScale",
                 )
             )
-        z = torch.stack([traces.sum(), sqs.sum()])
-        self._avg.push(torch.cat([traces, sqs]), torch.outer(z, z))
-        self._names = names
+        x, z = torch.cat([traces, sqs]), torch.stack([traces.sum(), sqs.sum()])
+        # A step with NaN/inf anywhere (an fp16 overflow, one bad batch) is skipped and counted
+        # instead of poisoning the average for good; tensor ops, no host sync.
+        ok = torch.isfinite(x).all() & torch.isfinite(z).all()
+        self._avg.push(x, torch.outer(z, z), ok)
+        self._names, self._device = names, x.device
+        for _ in range(self._pending_skips):
+            self.skip()
+        self._pending_skips = 0
 
     def estimate(self, *, confidence: float | None = None) -> NoiseScaleReading:
         """Read the running estimate (the one place with host syncs).
@@ -173,9 +199,10 @@ class NoiseScale:
         """
         level = self.confidence if confidence is None else confidence
         _check("confidence", level, 0 < level < 1, "a float in (0, 1)", "e.g. 0.9")
+        skipped = self.skipped + self._pending_skips
         if self.steps == 0:
             nan = math.nan
-            return NoiseScaleReading(nan, nan, nan, nan, nan, {}, 0, False)
+            return NoiseScaleReading(nan, nan, nan, nan, nan, {}, 0, False, skipped)
         mean_x, mean_zz, sq_weight = self._avg.moments()
         half = len(self._names)
         per_trace, per_sq = mean_x[:half].tolist(), mean_x[half:].tolist()
@@ -188,7 +215,7 @@ class NoiseScale:
         b_simple = _ratio(trace, grad_sq)
         defined = not math.isnan(b_simple)
         return NoiseScaleReading(
-            b_simple, low, high, trace, grad_sq, per_layer, self.steps, defined
+            b_simple, low, high, trace, grad_sq, per_layer, self.steps, defined, skipped
         )
 
     @staticmethod
@@ -241,9 +268,11 @@ def _state_problem(names, average, window) -> str | None:
     """What is wrong with a saved ``(names, average)`` pair, or None; nothing is changed."""
     if not isinstance(average, Mapping):
         return f"average of type {type(average).__name__}"
-    steps = average.get("steps")
+    steps, skipped = average.get("steps"), average.get("skipped", 0)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         return f"steps={steps!r}"
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        return f"skipped={skipped!r}"
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
     ):

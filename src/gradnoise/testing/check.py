@@ -29,6 +29,12 @@ def reference_errors(
 ) -> dict[str, dict[str, float]]:
     """Relative errors of GradStats against the per-example autograd loop, per parameter.
 
+    ``batch`` is a tuple of tensors with the examples on dim 0, and ``loss_fn`` is called as
+    ``loss_fn(model, *batch)`` (the tuple unpacked: ``loss_fn(model, x, y)``), on the whole batch
+    and on one-example slices, returning the mean loss over the examples it is given. This is
+    not the ``gradnoise profile --model`` convention, ``loss_fn(model, batch)`` with the tuple
+    as one argument; pass ``lambda model, *batch: loss_fn(model, batch)`` to check such a loss.
+
     Returns ``{name: {"sq_norms", "grad_sum", "elem_sq_sum", "grad"}: error}`` where ``grad``
     compares ``param.grad`` under GradStats with a plain backward. Errors are relative to the
     reference value, with a floor of a small fraction of the largest reference norm of that
