@@ -218,7 +218,7 @@ def gsnr(moments: GradMoments, *, unbiased: bool = True, eps: float = 1e-30) -> 
 
 
 def layer_gsnr(moments: GradMoments) -> float:
-    r"""A parameter's GSNR as a ratio of sums: :math:`\widehat{\|G\|^2} / \widehat{\mathrm{tr}\,\Sigma}`.
+    r"""A parameter's GSNR as a ratio of sums: :math:`\hat{\|G\|^2} / \hat{\mathrm{tr}\Sigma}`.
 
     :math:`\sum_j \hat\mu_j^2 / \sum_j \hat\sigma_j^2` with both sums unbiased (the
     construction of the noise scale, so this is ``1 / B_simple`` of the parameter). Unlike the
