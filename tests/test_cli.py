@@ -49,7 +49,7 @@ def _error(capsys) -> str:
 
 def test_defaults_are_the_documented_ones():
     assert DEFAULTS == {
-        "workload": "charlm",
+        "workload": "markov",
         "steps": 800,
         "batch_size": 32,
         "every": 40,
@@ -61,7 +61,7 @@ def test_profile_default_workload_short_run_writes_everything(tmp_path, capsys):
     assert main(["profile", "--out", str(tmp_path / "out"), *TINY]) == 0
     metrics = read_metrics(tmp_path / "out")
     assert [r["step"] for r in metrics.steps] == [1, 3]
-    assert metrics.run["workload"] == "charlm" and metrics.run["steps"] == 4
+    assert metrics.run["workload"] == "markov" and metrics.run["steps"] == 4
     assert (tmp_path / "out" / "report.html").is_file()
     out = " ".join(capsys.readouterr().out.split())
     assert "Profiling cost" in out and "after training, not part of the overhead above" in out
@@ -98,7 +98,9 @@ def test_bad_factories_get_a_clear_error(factories, capsys, spec, message):
 
 def test_unknown_workload(tmp_path, capsys):
     assert main(["profile", "--workload", "mnist", "--out", str(tmp_path / "o"), *TINY]) == 2
-    assert "error: workload: expected one of 'charlm', 'images', got 'mnist'" in _error(capsys)
+    assert "error: workload: expected one of 'markov', 'images', 'charlm', got 'mnist'" in _error(
+        capsys
+    )
     assert not (tmp_path / "o").exists()
 
 

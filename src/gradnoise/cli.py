@@ -22,12 +22,12 @@ from gradnoise.monitor.profile import DEFAULT_LR, as_workload, check_run, load_f
 from gradnoise.monitor.recommend import overhead_text
 from gradnoise.monitor.records import read_metrics
 from gradnoise.monitor.report import write_report
-from gradnoise.workloads import WORKLOADS, get_workload
+from gradnoise.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
 __all__ = ["build_parser", "main"]
 
 DEFAULTS = {
-    "workload": "charlm",
+    "workload": DEFAULT_WORKLOAD,
     "steps": 800,
     "batch_size": 32,
     "every": 40,
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--workload",
         default=DEFAULTS["workload"],
-        help=f"built-in workload: {', '.join(WORKLOADS)} (default charlm)",
+        help=f"built-in workload: {', '.join(WORKLOADS)} (default {DEFAULT_WORKLOAD}; markov and "
+        "images draw fresh data every batch, charlm memorizes a short text)",
     )
     source.add_argument(
         "--model",
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float,
         default=None,
-        help="AdamW learning rate (default: the workload's own, 3e-3 for charlm and images; "
+        help="AdamW learning rate (default: the workload's own, 3e-3 for the built-in ones; "
         f"{DEFAULT_LR:g} for a (model, batches, loss_fn) factory)",
     )
     profile.add_argument(

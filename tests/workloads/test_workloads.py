@@ -65,7 +65,7 @@ def test_digit_images_have_ink_where_the_glyph_is():
 
 def test_unknown_workload_names_the_choices():
     with pytest.raises(
-        GradNoiseError, match=r"workload: expected one of 'charlm', 'images', got 'mnist'"
+        GradNoiseError, match=r"workload: expected one of 'markov', 'images', 'charlm', got 'mnist'"
     ):
         get_workload("mnist")
 
@@ -73,3 +73,38 @@ def test_unknown_workload_names_the_choices():
 def test_batch_size_below_two_is_refused():
     with pytest.raises(GradNoiseError, match=r"batch_size: expected an int >= 2 .*got 1\. Pass"):
         get_workload("charlm", batch_size=1)
+
+
+def test_markov_floor_is_what_the_true_chain_scores():
+    """The Bayes predictor (the chain's own probabilities) scores the stated floor on fresh
+    windows. Budget: 2,000 windows of 64 targets; tolerance 4 standard errors of their mean."""
+    from gradnoise.workloads.markov import MarkovLanguage
+
+    language = MarkovLanguage.build(24, seed=0)
+    context = 64
+    chunk = language.sample(2000, context + 1, generator=torch.Generator().manual_seed(3))
+    tokens, targets = chunk[:, :-1], chunk[:, 1:]
+    first = language.stationary / language.stationary.sum(1, keepdim=True)
+    probs = torch.empty(2000, context, dtype=torch.float64)
+    probs[:, 0] = first[tokens[:, 0], targets[:, 0]]
+    probs[:, 1:] = language.transitions[tokens[:, :-1], tokens[:, 1:], targets[:, 1:]]
+    per_window = -probs.log().mean(1)
+    tolerance = 4 * float(per_window.std()) / math.sqrt(2000)
+    assert abs(float(per_window.mean()) - language.loss_floor(context)) < tolerance
+    assert 1.0 < language.entropy_rate < math.log(24)
+
+
+@pytest.mark.parametrize("name", ["markov", "images"])
+def test_fresh_workloads_never_repeat_a_batch_and_hold_out_their_own(name):
+    workload = get_workload(name, batch_size=16)
+    first, second = next(workload.batches), next(workload.batches)
+    assert not torch.equal(first[0], second[0])
+    assert workload.heldout[0].shape[0] == 512
+    assert not any(torch.equal(workload.heldout[0][:16], batch[0]) for batch in (first, second))
+
+
+def test_charlm_holds_out_the_last_tenth_of_the_text():
+    workload = get_workload("charlm", batch_size=4)
+    tokens, targets = workload.heldout
+    assert tokens.shape == targets.shape and tokens.shape[1] == 64
+    assert torch.equal(tokens[:, 1:], targets[:, :-1])

@@ -19,7 +19,7 @@ untouched. Host syncs (``.item()``, ``.tolist()``) happen only on measured steps
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
 from gradnoise.monitor.checks import check_every, check_out_dir
 from gradnoise.monitor.console import ConsoleView
 from gradnoise.monitor.noise import NoiseScale
-from gradnoise.monitor.records import step_record
+from gradnoise.monitor.records import clean, step_record
 from gradnoise.monitor.sinks import Sink, make_sinks
 from gradnoise.monitor.timing import overhead_summary
 from gradnoise.stats.engine import GradStats
@@ -39,9 +39,14 @@ __all__ = ["Monitor", "StepHandle"]
 
 @dataclass
 class StepHandle:
-    """What ``with monitor.step() as step`` yields; set ``step.loss`` to log the loss."""
+    """What ``with monitor.step() as step`` yields; set ``step.loss`` to log the loss.
+
+    ``step.extras`` (numbers by name, e.g. ``{"heldout_loss": 2.1}``) are added to the step's
+    record when the step is measured.
+    """
 
     loss: torch.Tensor | float | None = None
+    extras: dict = field(default_factory=dict)
 
 
 class Monitor:
@@ -128,7 +133,9 @@ class Monitor:
         if self.measuring():
             self._stats = GradStats(self.model, elementwise=self.elementwise).__enter__()
 
-    def end_step(self, loss: torch.Tensor | float | None = None) -> dict | None:
+    def end_step(
+        self, loss: torch.Tensor | float | None = None, extras: dict | None = None
+    ) -> dict | None:
         """Call after the backward pass; returns the record on measured steps, else ``None``."""
         if self._t0 is None:
             raise GradNoiseError(
@@ -144,18 +151,18 @@ class Monitor:
             stats.__exit__(None, None, None)
         body, self._t0 = time.perf_counter() - self._t0, None
         own_start = time.perf_counter()
-        record = self._finish_step(stats, body, loss)
+        record = self._finish_step(stats, body, loss, extras or {})
         self._step += 1
         self._own += time.perf_counter() - own_start
         return record
 
-    def _finish_step(self, stats: GradStats | None, body: float, loss) -> dict | None:
+    def _finish_step(self, stats: GradStats | None, body: float, loss, extras: dict) -> dict | None:
         if loss is not None:
             value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
             self._loss_count += 1
         (self._measured if stats is not None else self._plain).append(body)
-        record = self._measure(stats) if stats is not None else None
+        record = self._measure(stats, extras) if stats is not None else None
         if self._view is not None:
             self._view.tick(self._step, record, self.records)
         return record
@@ -168,7 +175,7 @@ class Monitor:
             return False
         return bool(torch.isfinite(norms).all())
 
-    def _measure(self, stats: GradStats) -> dict | None:
+    def _measure(self, stats: GradStats, extras: dict) -> dict | None:
         if not self._finite(stats):
             # An inf/NaN step (fp16 overflow, a bad batch) is counted, never averaged in.
             self.noise.skip()
@@ -185,7 +192,7 @@ class Monitor:
             step=self._step,
             loss=loss,
             seconds=time.perf_counter() - self._started,
-        )
+        ) | clean({key: float(value) for key, value in extras.items()})
         self.records.append(record)
         for sink in self._sinks:
             sink.write(record)
@@ -249,4 +256,4 @@ class _StepContext:
             if stats is not None:
                 stats.__exit__(exc_type, exc, tb)
             return
-        self.monitor.end_step(self.handle.loss)
+        self.monitor.end_step(self.handle.loss, self.handle.extras)

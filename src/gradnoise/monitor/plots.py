@@ -4,7 +4,8 @@
   batch size.
 * ``gsnr.png``: per-layer GSNR over the second half of training with its band, lowest first.
 * ``norms.png``: the distribution of per-example gradient norms, early versus late in training.
-* ``loss.png``: the training loss at the measured steps.
+* ``loss.png``: training and held-out loss at the measured steps, and the entropy floor when
+  the workload knows it.
 """
 
 from __future__ import annotations
@@ -84,19 +85,27 @@ def plot_norms(steps: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_loss(steps: list[dict], path: Path) -> Path:
+def plot_loss(steps: list[dict], path: Path, floor: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.0))
-    ax.plot([r["step"] for r in steps], _series(steps, "loss"))
-    ax.set(xlabel="step", ylabel="loss", title="Training loss (mean since the last measurement)")
+    x = [r["step"] for r in steps]
+    ax.plot(x, _series(steps, "loss"), label="training (mean since the last measurement)")
+    if any(r.get("heldout_loss") is not None for r in steps):
+        ax.plot(x, _series(steps, "heldout_loss"), label="held-out")
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=1, label=f"entropy floor {floor:.3f}")
+    ax.set(xlabel="step", ylabel="loss", title="Loss")
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def write_plots(steps: list[dict], directory: Path) -> dict[str, Path]:
+def write_plots(
+    steps: list[dict], directory: Path, *, loss_floor: float | None = None
+) -> dict[str, Path]:
     """Draw every figure into ``directory`` and return their paths by name."""
     directory.mkdir(parents=True, exist_ok=True)
     return {
         "noise_scale": plot_noise_scale(steps, directory / "noise_scale.png"),
         "gsnr": plot_gsnr(steps, directory / "gsnr.png"),
         "norms": plot_norms(steps, directory / "norms.png"),
-        "loss": plot_loss(steps, directory / "loss.png"),
+        "loss": plot_loss(steps, directory / "loss.png", loss_floor),
     }

@@ -32,6 +32,7 @@ __all__ = [
     "as_workload",
     "check_run",
     "cycle_batches",
+    "heldout_loss",
     "load_factory",
     "run_profile",
 ]
@@ -186,6 +187,7 @@ def run_profile(
         "description": workload.description,
         "lr": lr,
         "steps_requested": steps,
+        "loss_floor": workload.loss_floor,
     }
     optimizer = torch.optim.AdamW(workload.model.parameters(), lr=lr)
     done = 0
@@ -210,13 +212,30 @@ def _check_lr(lr) -> float:
     return float(lr)
 
 
+def heldout_loss(workload: Workload) -> float | None:
+    """The loss on ``workload.heldout`` (no gradients, model in eval mode for the call)."""
+    if workload.heldout is None:
+        return None
+    training = workload.model.training
+    workload.model.eval()
+    try:
+        with torch.no_grad():
+            return float(workload.loss(workload.model, workload.heldout))
+    finally:
+        workload.model.train(training)
+
+
 def _train(workload: Workload, monitor: Monitor, optimizer, steps: int) -> int:
     done = 0
     for _, batch in zip(range(steps), workload.batches, strict=False):
+        # Held-out loss before the measured step's update, outside its timing.
+        heldout = heldout_loss(workload) if monitor.measuring() else None
         with monitor.step() as step:
             loss = workload.loss(workload.model, batch)
             loss.backward()
             step.loss = loss
+            if heldout is not None:
+                step.extras["heldout_loss"] = heldout
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done += 1

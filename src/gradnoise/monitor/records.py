@@ -98,6 +98,7 @@ def _parse(line: str) -> dict | None:
 _NUMBER_FIELDS = (
     "time",
     "loss",
+    "heldout_loss",
     "b_simple",
     "ci_low",
     "ci_high",
@@ -114,6 +115,7 @@ _RUN_NUMBER_FIELDS = (
     "overhead_fraction",
     "measured_step_ratio",
     "report_seconds",
+    "loss_floor",
 )
 
 

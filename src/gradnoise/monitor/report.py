@@ -44,13 +44,22 @@ def _facts(metrics: Metrics) -> str:
         ("batch size", last.get("batch_size")),
         ("noise scale B_simple (latest)", fmt(last.get("b_simple"))),
         ("90% band", f"{fmt(last.get('ci_low'))} to {fmt(last.get('ci_high'))}"),
-        ("final loss", fmt(last.get("loss"), 4)),
+        ("final loss (training)", fmt(last.get("loss"), 4)),
+        ("final held-out loss", fmt(last.get("heldout_loss"), 4)),
+        ("excess over the entropy floor", _excess(last, run)),
         ("measured steps skipped (NaN/inf gradients)", _skipped(last, run)),
     ]
     cells = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     return f"<table>{cells}</table>"
+
+
+def _excess(last: dict, run: dict) -> str:
+    floor, heldout = run.get("loss_floor"), last.get("heldout_loss")
+    if floor is None or heldout is None:
+        return "n/a (the data's floor is not known)" if floor is None else "n/a"
+    return f"{fmt(heldout - floor, 3)} nats (floor {fmt(floor, 4)})"
 
 
 def _skipped(last: dict, run: dict) -> int:
@@ -92,7 +101,8 @@ def write_report(directory: str | Path) -> Path:
     """Read ``directory/metrics.jsonl``, draw the plots and write ``directory/report.html``."""
     directory = Path(directory)
     metrics = read_metrics(directory)
-    plots = write_plots(metrics.steps, directory / "plots")
+    floor = (metrics.run or {}).get("loss_floor")
+    plots = write_plots(metrics.steps, directory / "plots", loss_floor=floor)
     path = directory / REPORT_FILE
     path.write_text(render_html(metrics, plots), encoding="utf-8")
     return path

@@ -10,7 +10,7 @@ from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
 
-__all__ = ["WORKLOADS", "Workload", "get_workload"]
+__all__ = ["DEFAULT_WORKLOAD", "WORKLOADS", "Workload", "get_workload"]
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -21,7 +21,9 @@ class Workload:
 
     ``loss(model, batch)`` must be the *mean* over the examples of the batch of per-example losses
     (what ``GradStats(model, loss_reduction="mean")`` expects), and every tensor in a batch must
-    hold the examples on dim 0.
+    hold the examples on dim 0. ``heldout`` is a fixed batch never trained on (the profile
+    reports its loss at every measured step); ``loss_floor`` is the lowest loss the data allows,
+    where it is known (the report then shows the excess loss over it).
     """
 
     name: str
@@ -30,19 +32,27 @@ class Workload:
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     lr: float = 1e-3
     description: str = ""
+    heldout: Batch | None = None
+    loss_floor: float | None = None
 
 
 def _builders() -> dict[str, Callable[..., Workload]]:
-    from gradnoise.workloads import charlm, images
+    from gradnoise.workloads import charlm, images, markov
 
-    return {"charlm": charlm.make, "images": images.make}
+    return {"markov": markov.make, "images": images.make, "charlm": charlm.make}
 
 
-WORKLOADS: tuple[str, ...] = ("charlm", "images")
+WORKLOADS: tuple[str, ...] = ("markov", "images", "charlm")
+DEFAULT_WORKLOAD = "markov"
 
 
 def get_workload(name: str, *, batch_size: int = 32, seed: int = 0) -> Workload:
-    """Build the built-in workload ``name`` (one of :data:`WORKLOADS`; ``"charlm"`` by default)."""
+    """Build the built-in workload ``name`` (one of :data:`WORKLOADS`).
+
+    ``markov`` (the profile's default) and ``images`` draw fresh examples for every batch;
+    ``charlm`` reads a 6,794-character text and memorizes it within a few hundred steps (kept
+    for comparison: its noise scale is that of memorization).
+    """
     builders = _builders()
     if name not in builders:
         raise GradNoiseError(

@@ -1,7 +1,8 @@
 """A small image workload: a CNN that reads noisy, shifted digits drawn from an embedded font.
 
 The ten digits of a 5x7 bitmap font are stamped at a random offset into a 12x12 canvas, blurred
-a little and covered with Gaussian noise: 2,000 images generated from the seed, no files read.
+a little and covered with Gaussian noise. Every batch is generated fresh from the seed's stream
+(no image is seen twice, no files read); a held-out set of 512 comes from its own generator.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from gradnoise.workloads.base import Workload
 
-__all__ = ["digit_images", "make"]
+__all__ = ["digit_images", "fresh_images", "make"]
 
 GLYPHS = {  # 5 columns x 7 rows per digit, '#' = ink
     0: [".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."],
@@ -50,13 +51,12 @@ def digit_images(count: int, *, generator: torch.Generator) -> tuple[torch.Tenso
     return images + 0.3 * torch.randn(images.shape, generator=generator), labels
 
 
-def sampler(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, generator: torch.Generator
+def fresh_images(
+    batch_size: int, *, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless random minibatches (with replacement) of the image set."""
+    """Endless batches of newly generated images."""
     while True:
-        index = torch.randint(0, len(labels), (batch_size,), generator=generator)
-        yield images[index], labels[index]
+        yield digit_images(batch_size, generator=generator)
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -65,10 +65,12 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     return F.cross_entropy(model(images), labels)
 
 
-def make(*, batch_size: int = 32, seed: int = 0, count: int = 2000) -> Workload:
+HELDOUT_EXAMPLES = 512
+
+
+def make(*, batch_size: int = 32, seed: int = 0) -> Workload:
     """The digit-image workload: conv 1->16, conv 16->32, linear 10 (about 8k parameters)."""
-    generator = torch.Generator().manual_seed(seed)
-    images, labels = digit_images(count, generator=generator)
+    heldout = digit_images(HELDOUT_EXAMPLES, generator=torch.Generator().manual_seed(10_000 + seed))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = nn.Sequential(
@@ -84,8 +86,9 @@ def make(*, batch_size: int = 32, seed: int = 0, count: int = 2000) -> Workload:
     return Workload(
         name="images",
         model=model,
-        batches=sampler(images, labels, batch_size, generator=generator),
+        batches=fresh_images(batch_size, generator=torch.Generator().manual_seed(seed)),
         loss=classification_loss,
         lr=3e-3,
-        description=f"small CNN on {count} generated 12x12 images of noisy, shifted digits",
+        description="small CNN on freshly generated 12x12 images of noisy, shifted digits",
+        heldout=heldout,
     )
