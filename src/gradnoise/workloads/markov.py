@@ -115,12 +115,11 @@ def make(*, batch_size: int = 32, seed: int = 0, context: int = 64, vocab: int =
     heldout_generator = torch.Generator().manual_seed(10_000 + seed)
     heldout = language.sample(HELDOUT_EXAMPLES, context + 1, generator=heldout_generator)
     floor = language.loss_floor(context)
+    train_generator = torch.Generator().manual_seed(seed)
     return Workload(
         name="markov",
         model=model,
-        batches=stream(
-            language, batch_size, context, generator=torch.Generator().manual_seed(seed)
-        ),
+        batches=stream(language, batch_size, context, generator=train_generator),
         loss=lm_loss,
         lr=3e-3,
         description=f"transformer LM on a synthetic order-2 Markov language ({vocab} tokens, "
