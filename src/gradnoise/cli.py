@@ -14,12 +14,19 @@ import sys
 
 import torch
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.checks import check_batch_size, check_every, check_out_dir
 from gradnoise.monitor.profile import DEFAULT_LR, as_workload, check_run, load_factory, run_profile
-from gradnoise.monitor.recommend import overhead_text
+from gradnoise.monitor.recommend import (
+    TRADE_OFF_HEADER,
+    batch_advice,
+    layer_advice,
+    overhead_text,
+    trade_off_table,
+)
 from gradnoise.monitor.records import read_metrics
 from gradnoise.monitor.report import write_report
 from gradnoise.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
@@ -131,11 +138,28 @@ def _profile(args: argparse.Namespace, console: Console) -> None:
             f"note: the batches ran out after {run['steps']} of {args.steps} steps (a one-shot "
             "iterator cannot be restarted; return a list or a DataLoader to cycle it)"
         )
+    _print_trade_off(console, args.out)
     console.print(overhead_text(run))
     console.print(
         f"report: {run['report']} (plots and page rendered in {run['report_seconds']:.1f} s "
         "after training, not part of the overhead above)"
     )
+
+
+def _print_trade_off(console: Console, out: str) -> None:
+    """The report's recommendation and trade-off table, on the console."""
+    metrics = read_metrics(out)
+    last, meta = metrics.steps[-1], metrics.run or {}
+    console.print(
+        batch_advice(metrics.batch_size, last, metrics.steps[0], optimizer=meta.get("optimizer"))
+    )
+    cells = trade_off_table(metrics.batch_size, last)
+    if cells:
+        table = Table(*TRADE_OFF_HEADER, title="predicted trade-off (docs/profile.md)")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+    console.print(layer_advice(metrics.steps))
 
 
 def _report(args: argparse.Namespace, console: Console) -> None:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from gradnoise.monitor.console import fmt, noisiest
@@ -9,9 +11,9 @@ READING = {"b_simple": 100.0, "ci_low": 60.0, "ci_high": 180.0}
 @pytest.mark.parametrize(
     ("batch", "phrase"),
     [
-        (8, "is below the measured noise scale, B_simple ~ 100 (90% band 60 to 180)"),
+        (8, "is below the band of the measured noise scale, B_simple ~ 100 (90% band 60 to 180)"),
         (128, "is within the band of the measured noise scale"),
-        (512, "is above the measured noise scale"),
+        (512, "is above the band of the measured noise scale"),
     ],
 )
 def test_batch_advice_places_the_batch_against_the_band(batch, phrase):
@@ -83,3 +85,68 @@ def test_console_ranking_is_the_reports():
     steps = _steps({"a": [(1.0, 2.0)] * 2, "b": [(1.0, 0.1)] * 2, "c": [(0.0, 0.0)] * 2})
     assert noisiest(steps, 1) == [("b", pytest.approx(0.1))]
     assert [name for name, _ in noisiest(steps)] == ["b", "a"]  # c undefined: left out
+
+
+def test_trade_off_follows_mccandlish_eq_2_11():
+    from gradnoise.monitor.recommend import trade_offs
+
+    (row,) = trade_offs(32, 64.0, 40.0, 100.0, [128])
+    # S/S_min = 1 + Bn/B and E/E_min = 1 + B/Bn, relative to B0 = 32 at Bn = 64, 40 and 100
+    assert row.steps_over_min[0] == pytest.approx(1 + 64 / 128)
+    assert row.examples_over_min[0] == pytest.approx(1 + 128 / 64)
+    assert row.steps[0] == pytest.approx((1 + 64 / 128) / (1 + 64 / 32))
+    assert row.examples[0] == pytest.approx((1 + 128 / 64) / (1 + 32 / 64))
+    ends = [(1 + n / 128) / (1 + n / 32) for n in (40.0, 100.0)]
+    assert row.steps[1:] == pytest.approx((min(ends), max(ends)))
+    steps, examples = row.steps_over_min, row.examples_over_min
+    assert (steps[0] - 1) * (examples[0] - 1) == pytest.approx(1.0)  # on the hyperbola
+    # the band's low end gives the fewest steps and the most examples, and vice versa
+    assert (steps[1] - 1) * (examples[2] - 1) == pytest.approx(1.0)
+    assert (steps[2] - 1) * (examples[1] - 1) == pytest.approx(1.0)
+
+
+def test_unbounded_band_takes_the_large_noise_limit_and_says_so():
+    from gradnoise.monitor.recommend import trade_offs
+
+    (row,) = trade_offs(32, 46.0, 30.0, math.inf, [64])
+    # B_noise -> inf: steps scale as 1/B (0.5x for 32 -> 64) at equal examples
+    assert row.steps[1] == pytest.approx(0.5) and row.examples[1] == pytest.approx(1.0)
+    assert math.isinf(row.steps_over_min[2])
+    text = batch_advice(32, {"b_simple": 46.0, "ci_low": 30.0, "ci_high": None})
+    assert "90% band 30 to unbounded" in text and "The band is unbounded above" in text
+    assert "a good balance" not in text and "e+" not in text
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "phrase"),
+    [("SGD", "linear rule for SGD"), ("AdamW", "square root"), (None, "linearly with the batch")],
+)
+def test_learning_rate_rule_names_the_optimizer_family(optimizer, phrase):
+    assert phrase in batch_advice(64, READING, optimizer=optimizer)
+
+
+def test_report_and_console_show_the_same_trade_off_table(tmp_path):
+    import torch
+
+    from gradnoise.monitor import Monitor
+    from gradnoise.monitor.recommend import trade_off_table
+    from gradnoise.monitor.records import read_metrics
+    from gradnoise.testing import LinearGaussian
+
+    problem = LinearGaussian(dim=4)
+    model = problem.model()
+    generator = torch.Generator().manual_seed(0)
+    with Monitor(model, out=tmp_path, every=2, tensorboard=False) as monitor:
+        for _ in range(30):
+            x, y = problem.sample(8, generator=generator)
+            with monitor.step() as handle:
+                handle.loss = problem.loss(model, x, y)
+                handle.loss.backward()
+            model.zero_grad()
+    last = read_metrics(tmp_path).steps[-1]
+    cells = trade_off_table(8, last)
+    assert cells and cells[[c[0] for c in cells].index("8 (now)")][1] == "1x"
+    html = (tmp_path / "report.html").read_text()
+    assert "<table class='tradeoff'>" in html
+    for row in cells:
+        assert "".join(f"<td>{c}</td>" for c in row) in html

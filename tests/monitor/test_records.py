@@ -63,7 +63,7 @@ def test_report_rerenders_and_mentions_skipped_lines(tmp_path):
     html = write_report(directory).read_text()
     assert "1 unreadable line(s) of metrics.jsonl were skipped" in html
     assert html.count("data:image/png;base64,") == 4
-    assert "batch size 8 is below the measured noise scale" in html
+    assert "batch size 8 is below the band of the measured noise scale" in html
 
 
 def test_a_directory_without_metrics_is_refused(tmp_path):

@@ -188,6 +188,7 @@ def run_profile(
         "lr": lr,
         "steps_requested": steps,
         "loss_floor": workload.loss_floor,
+        "optimizer": "AdamW",
     }
     optimizer = torch.optim.AdamW(workload.model.parameters(), lr=lr)
     done = 0

@@ -1,52 +1,207 @@
-"""The plain-language reading of a run: batch size versus the noise scale, the noisiest layers,
-and what profiling cost.
+r"""The plain-language reading of a run: batch size versus the noise scale, the predicted
+trade-off of other batch sizes, the noisiest layers, and what profiling cost.
 
-McCandlish et al. (2018) found the critical batch size, past which larger batches stop saving
-steps, close to the simple noise scale B_simple = tr(Sigma) / |G|^2. Well below it, each step is
-mostly noise (cheap in compute, many steps); well above it, extra examples add little per step.
+**The model** (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", eq. 2.11):
+to reach a given loss, batch size ``B`` needs :math:`S = S_\min (1 + B_\text{noise} / B)`
+optimizer steps and :math:`E = E_\min (1 + B / B_\text{noise})` examples, so
+:math:`(S/S_\min - 1)(E/E_\min - 1) = 1`. Relative to the batch in use, :math:`B_0`,
+
+.. math::
+    \frac{S(B)}{S(B_0)} = \frac{1 + B_\text{noise}/B}{1 + B_\text{noise}/B_0},\qquad
+    \frac{E(B)}{E(B_0)} = \frac{1 + B/B_\text{noise}}{1 + B_0/B_\text{noise}}.
+
+The measured ``B_simple`` stands in for :math:`B_\text{noise}` (they agree when the Hessian is
+well conditioned; ``gradnoise calibrate`` measures the real critical batch). Every ratio is
+monotone in :math:`B_\text{noise}`, so its range over B_simple's band is the range between the
+band's ends; an unbounded band gives the limit :math:`B_\text{noise} \to \infty`.
+
+**Learning rate.** When the batch changes, scale the learning rate linearly for SGD (Goyal et
+al. 2017) and by the square root for Adam-family optimizers (Malladi et al. 2022), as a starting
+point to tune, not a guarantee.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gradnoise.monitor.console import fmt, plain
 from gradnoise.monitor.summary import GsnrSummary, gsnr_ranking
 
-__all__ = ["batch_advice", "layer_advice", "overhead_text"]
+__all__ = [
+    "TRADE_OFF_HEADER",
+    "TradeOff",
+    "batch_advice",
+    "candidate_batches",
+    "layer_advice",
+    "lr_rule",
+    "overhead_text",
+    "trade_off_rows",
+    "trade_off_table",
+    "trade_offs",
+]
 
 
-def batch_advice(batch_size: int, record: dict, first: dict | None = None) -> str:
+@dataclass(frozen=True)
+class TradeOff:
+    """Predicted cost of ``batch`` relative to the batch in use: ``(value, low, high)`` each."""
+
+    batch: int
+    steps: tuple[float, float, float]
+    examples: tuple[float, float, float]
+    steps_over_min: tuple[float, float, float]
+    examples_over_min: tuple[float, float, float]
+
+
+def _steps_over_min(batch: float, noise: float) -> float:
+    return 1 + noise / batch if math.isfinite(noise) else math.inf
+
+
+def _examples_over_min(batch: float, noise: float) -> float:
+    return 1 + batch / noise if noise > 0 else math.inf
+
+
+def _relative(batch: float, current: float, noise: float) -> tuple[float, float]:
+    if math.isinf(noise):  # the limit B_noise -> inf: steps scale as 1/B, examples equal
+        return current / batch, 1.0
+    steps = _steps_over_min(batch, noise) / _steps_over_min(current, noise)
+    return steps, _examples_over_min(batch, noise) / _examples_over_min(current, noise)
+
+
+def _ranged(values: list[float]) -> tuple[float, float, float]:
+    """``(value at B_simple, low, high)`` from the values at B_simple and the band's ends."""
+    return values[0], min(values), max(values)
+
+
+def trade_offs(
+    current: int, b_simple: float, low: float, high: float, batches: list[int]
+) -> list[TradeOff]:
+    """The :class:`TradeOff` of every batch in ``batches`` (see the module docstring)."""
+    noises = [b_simple, low, high]
+    rows = []
+    for batch in batches:
+        relative = [_relative(batch, current, noise) for noise in noises]
+        rows.append(
+            TradeOff(
+                batch=batch,
+                steps=_ranged([r[0] for r in relative]),
+                examples=_ranged([r[1] for r in relative]),
+                steps_over_min=_ranged([_steps_over_min(batch, n) for n in noises]),
+                examples_over_min=_ranged([_examples_over_min(batch, n) for n in noises]),
+            )
+        )
+    return rows
+
+
+def _power_of_two(value: float) -> int:
+    return 2 ** max(1, round(math.log2(max(value, 2.0))))
+
+
+def candidate_batches(current: int, b_simple: float) -> list[int]:
+    """The batch in use and powers of two at a quarter, half, one and two times B_simple."""
+    around = {_power_of_two(b_simple * f) for f in (0.25, 0.5, 1.0, 2.0)}
+    return sorted(around | {current})
+
+
+def lr_rule(optimizer: str | None) -> str:
+    """The learning-rate rule of thumb for ``optimizer`` (a class name), in one sentence."""
+    name = (optimizer or "").lower()
+    if name.startswith("sgd"):
+        rule = "scale the learning rate in proportion to the batch (the linear rule for SGD)"
+    elif any(key in name for key in ("adam", "lion", "lamb", "rmsprop", "adafactor", "sophia")):
+        rule = (
+            f"scale the learning rate by the square root of the batch ratio (the rule for "
+            f"Adam-family optimizers such as {optimizer})"
+        )
+    else:
+        rule = (
+            "scale the learning rate linearly with the batch for SGD, by its square root for "
+            "Adam-family optimizers"
+        )
+    return f"When you change the batch, {rule}, as a starting point to tune."
+
+
+def _x(value: float) -> str:
+    return "unbounded" if math.isinf(value) else f"{fmt(value, 2)}x"
+
+
+def _span(triple: tuple[float, float, float]) -> str:
+    value, low, high = triple
+    if fmt(low, 2) == fmt(high, 2):
+        return _x(value)
+    return f"{_x(value)} ({fmt(low, 2)} to {_x(high)})"
+
+
+def trade_off_rows(rows: list[TradeOff], current: int) -> list[tuple[str, str, str, str]]:
+    """Table cells: batch, steps and examples relative to now, and steps over the minimum."""
+    return [
+        (
+            f"{row.batch}" + (" (now)" if row.batch == current else ""),
+            _span(row.steps),
+            _span(row.examples),
+            _span(row.steps_over_min),
+        )
+        for row in rows
+    ]
+
+
+TRADE_OFF_HEADER = ("batch", "steps vs now", "examples vs now", "steps / minimum steps")
+
+
+def trade_off_table(batch_size: int, record: dict) -> list[tuple[str, str, str, str]]:
+    """The report's and the console's trade-off cells from a step record (empty when the noise
+    scale is undefined: nothing to predict from)."""
+    b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
+    if b is None or not batch_size:
+        return []
+    low = b if low is None else low
+    high = math.inf if high is None else high
+    rows = trade_offs(batch_size, b, low, high, candidate_batches(batch_size, b))
+    return trade_off_rows(rows, batch_size)
+
+
+def batch_advice(
+    batch_size: int, record: dict, first: dict | None = None, *, optimizer: str | None = None
+) -> str:
     """One paragraph on the batch size, from the last step record's running reading."""
     b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
     if b is None:
         return (
             f"At batch size {batch_size} the mean gradient could not be told apart from its "
-            "noise: the noise scale is far above the batch size. Larger batches should cut "
-            "the number of steps almost in proportion; profile again with a larger "
-            "--batch-size to place the noise scale."
+            "noise: the noise scale is likely far above the batch size, where doubling the "
+            "batch nearly halves the steps for about the same examples. Profile again with a "
+            "larger --batch-size to place the noise scale. " + lr_rule(optimizer)
         )
-    where = f"B_simple ~ {fmt(b)} (90% band {fmt(low)} to {fmt(high)})"
-    if low is not None and batch_size < low:
-        text = (
-            f"Your batch size {batch_size} is below the measured noise scale, {where}. Each "
-            f"step's gradient is dominated by noise: raising the batch toward ~{fmt(b, 2)} "
-            "(and the learning rate with it) should cut the number of steps nearly in "
-            "proportion for little extra total compute. Staying small is the cheapest in "
-            "compute if wall-clock time does not matter."
-        )
-    elif high is not None and batch_size > high:
-        text = (
-            f"Your batch size {batch_size} is above the measured noise scale, {where}. The "
-            "extra examples in each batch mostly repeat information: a batch near "
-            f"~{fmt(b, 2)} should make nearly the same progress per step for less compute."
-        )
+    unbounded = high is None
+    high = math.inf if unbounded else high
+    low = b if low is None else low
+    band = f"{fmt(low)} to {fmt(high)}"
+    current = trade_offs(batch_size, b, low, high, [batch_size])[0]
+    if batch_size < low:
+        where = "below the band of"
+    elif batch_size > high:
+        where = "above the band of"
     else:
-        text = (
-            f"Your batch size {batch_size} is within the band of the measured noise scale, "
-            f"{where}: a good balance between steps and compute."
+        where = "within the band of"
+    text = (
+        f"Your batch size {batch_size} is {where} the measured noise scale, B_simple ~ "
+        f"{fmt(b)} (90% band {band}). Under McCandlish et al.'s model it takes "
+        f"{_span(current.steps_over_min)} the minimum number of steps and "
+        f"{_span(current.examples_over_min)} the minimum number of examples to reach a loss. "
+    )
+    target = _power_of_two(b)
+    if target != batch_size:
+        move = trade_offs(batch_size, b, low, high, [target])[0]
+        text += (
+            f"A batch of {target} is predicted to take {_span(move.steps)} the steps for "
+            f"{_span(move.examples)} the examples; the table lists other sizes. "
         )
-    return text + _growth(first, b)
+    if unbounded:
+        text += (
+            f"The band is unbounded above: the data show B_noise > {fmt(low)} but not by how "
+            "much, so the ranges run to the limit of a very large noise scale. "
+        )
+    return text + lr_rule(optimizer) + _growth(first, b)
 
 
 def _growth(first: dict | None, b: float) -> str:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from gradnoise.monitor.console import fmt
 from gradnoise.monitor.plots import write_plots
-from gradnoise.monitor.recommend import batch_advice, layer_advice, overhead_text
+from gradnoise.monitor.recommend import (
+    TRADE_OFF_HEADER,
+    batch_advice,
+    layer_advice,
+    overhead_text,
+    trade_off_table,
+)
 from gradnoise.monitor.records import Metrics, read_metrics
 
 __all__ = ["REPORT_FILE", "render_html", "write_report"]
@@ -68,6 +74,21 @@ def _skipped(last: dict, run: dict) -> int:
     return max((c for c in counts if c is not None), default=0)
 
 
+def _trade_off_html(metrics: Metrics) -> str:
+    cells = trade_off_table(metrics.batch_size, metrics.steps[-1])
+    if not cells:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in TRADE_OFF_HEADER)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
+    )
+    caption = (
+        "<caption>Predicted trade-off (McCandlish et al. 2018, eq. 2.11, with B_noise = "
+        "B_simple and its 90% band; formulas in docs/profile.md)</caption>"
+    )
+    return f"<table class='tradeoff'>{caption}<tr>{head}</tr>{rows}</table>"
+
+
 def _coverage(run: dict | None) -> str:
     coverage = (run or {}).get("coverage") or {}
     rows = "".join(
@@ -81,13 +102,20 @@ def _coverage(run: dict | None) -> str:
 def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:
     """The report page for ``metrics`` with the PNG files of ``plots`` embedded."""
     paragraphs = [
-        batch_advice(metrics.batch_size, metrics.steps[-1], metrics.steps[0]),
+        batch_advice(
+            metrics.batch_size,
+            metrics.steps[-1],
+            metrics.steps[0],
+            optimizer=(metrics.run or {}).get("optimizer"),
+        ),
         layer_advice(metrics.steps),
         overhead_text(metrics.run),
     ]
     if metrics.skipped:
         paragraphs.append(f"{metrics.skipped} unreadable line(s) of metrics.jsonl were skipped.")
-    body = "".join(f"<p>{html.escape(p)}</p>" for p in paragraphs)
+    body = f"<p>{html.escape(paragraphs[0])}</p>{_trade_off_html(metrics)}" + "".join(
+        f"<p>{html.escape(p)}</p>" for p in paragraphs[1:]
+    )
     figures = "".join(_image(name, path) for name, path in plots.items())
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>gradnoise report</title>"
