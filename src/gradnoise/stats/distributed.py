@@ -13,12 +13,26 @@ appendix A.1):
     \text{big: } \|\bar g\|^2 \text{ at } B = W b,
 
 so :class:`NoiseScaleHook` needs no extra backward: inside DDP's backward it takes per-parameter
-norms of each bucket before its mean all-reduce (one fused ``_foreach_norm``), and averages the
-squared local norms over ranks with one tiny extra all-reduce (one float per parameter) launched
-right after the last bucket's. :meth:`NoiseScaleHook.record` waits for that one, reads the norms
-of the reduced ``param.grad`` and returns a :class:`TwoBatchNorms` for
-:class:`gradnoise.stats.running.NoiseScale`; nothing syncs with the host. float16 gradients are
-refused (squared norms overflow its range).
+norms of each bucket before its mean all-reduce (one fused ``_foreach_norm``).
+:meth:`NoiseScaleHook.record` then averages the squared local norms over ranks together with the
+ranks' batch sizes in one tiny extra all-reduce (one float per parameter, plus two), reads the
+norms of the reduced ``param.grad`` and returns a :class:`TwoBatchNorms` for
+:class:`gradnoise.stats.running.NoiseScale`. Reading the two batch sizes back is the one host
+sync. float16 gradients are refused (squared norms overflow its range).
+
+**Uneven batches.** With rank ``r`` holding :math:`b_r` examples and a mean loss, DDP's average
+:math:`\bar g = \frac1W\sum_r g_r` has :math:`E\|\bar g\|^2 = \|G\|^2 + \mathrm{tr}\Sigma\,
+\frac{1}{W^2}\sum_r \frac1{b_r}` and the mean of the local norms has
+:math:`\|G\|^2 + \mathrm{tr}\Sigma \frac1W \sum_r \frac1{b_r}`: the two batch sizes are
+:math:`H` and :math:`W H`, with :math:`H = W / \sum_r b_r^{-1}` the harmonic mean of the ranks'
+batch sizes (:math:`b` when they are equal). With a sum loss each local gradient is divided by
+its own :math:`b_r` before averaging and the reduced gradient is the mean over all
+:math:`N = \sum_r b_r` examples: sizes :math:`H` and :math:`N`. Every rank gets the same record.
+
+**Gradient accumulation** (``no_sync()`` for K micro-batches, then one synchronized backward):
+the local gradient holds all K micro-batches, so pass ``local_batch_size`` = the examples it
+holds, ``K * b`` (with each micro-batch's loss divided by K, as usual). Passing ``b`` would halve
+the estimate for K = 2; ``record`` refuses it when it saw K forward passes of ``b`` examples.
 """
 
 from __future__ import annotations
@@ -107,12 +121,14 @@ class NoiseScaleHook:
         self.preconditioner = preconditioner
         self._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
         self._clear()
+        self._forwards = (0, 0)  # forward passes and examples since the last record
+        ddp_model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         ddp_model.register_comm_hook(self, NoiseScaleHook._hook)
 
     def _clear(self) -> None:
         self._buckets: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._norms: dict[int, list[torch.Tensor]] = {}
-        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._pending: torch.Tensor | None = None  # local squared norms of the last backward
         self._scales: Mapping[str, torch.Tensor] | None = None
 
     def _scaled(self, names: list[str], grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -135,39 +151,72 @@ class NoiseScaleHook:
         self._norms[bucket.index()] = torch._foreach_norm(grads)
         buffer = bucket.buffer().div_(self.world_size)
         future = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
-        if bucket.is_last():  # every bucket's hook has run: average the local norms over ranks
+        if bucket.is_last():  # every bucket's hook has run: keep the local squared norms
             norms = torch.stack([n for i in sorted(self._norms) for n in self._norms[i]])
-            self._pending = (dist.all_reduce(norms.pow_(2), group=self.group, async_op=True), norms)
+            self._pending = norms.pow_(2)
         return future.then(_value)
 
     def record(self, *, local_batch_size: int) -> TwoBatchNorms:
         """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step.
 
-        Call it right after ``backward()``, before the gradients are clipped or zeroed: the
-        big-batch norms are read from the reduced ``param.grad``.
+        ``local_batch_size`` is the number of examples in this rank's gradient since the last
+        synchronized step (``K * b`` under ``no_sync()`` accumulation); ranks may differ (see
+        the module docstring). Call it on every rank right after ``backward()``, before the
+        gradients are clipped or zeroed: the big-batch norms are read from ``param.grad``.
         """
         _check_record(self._pending is not None, local_batch_size)
-        names, small, big = self._step_norms()
+        self._check_accumulation(local_batch_size)
         b = float(local_batch_size)
-        factor = b * b if self.loss_reduction == "sum" else 1.0
-        small, big = small / (self.world_size * factor), big / factor
+        local = self._pending.to(torch.float64)
+        if self.loss_reduction == "sum":
+            local = local / (b * b)  # this rank's mean-loss gradient
+        sizes = torch.tensor([1.0 / b, b], dtype=torch.float64, device=local.device)
+        buffer = torch.cat([local, sizes])
+        dist.all_reduce(buffer, group=self.group)
+        inverse_sum, total = buffer[-2:].tolist()  # the one host sync
+        harmonic = self.world_size / inverse_sum
+        small = buffer[:-2] / self.world_size
+        names, big = self._reduced_norms()
+        if self.loss_reduction == "sum":  # the reduced gradient is (N / W) times the mean
+            big_batch, big = total, big / (total / self.world_size) ** 2
+        else:
+            big_batch = harmonic * self.world_size
         position = {name: i for i, name in enumerate(names)}
         order = [n for n in self._names.values() if n in position]  # the module's order
         index = torch.tensor([position[n] for n in order])
         small_norms = dict(zip(order, small[index].unbind(), strict=True))
         big_norms = dict(zip(order, big[index].unbind(), strict=True))
-        return TwoBatchNorms(small_norms, b, big_norms, b * self.world_size)
+        return TwoBatchNorms(small_norms, harmonic, big_norms, big_batch)
 
-    def _step_norms(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Names, rank-summed local squared norms and reduced squared norms; clears the step."""
-        work, small = self._pending
-        work.wait()  # launched with the last bucket, so long finished on a real model
+    def _check_accumulation(self, local_batch_size: int) -> None:
+        """Refuse the per-micro-batch size after several forward passes (``no_sync()``)."""
+        forwards, examples = self._forwards
+        if forwards > 1 and examples == forwards * local_batch_size:
+            raise GradNoiseError(
+                explain(
+                    "NoiseScaleHook.record(local_batch_size=...)",
+                    expected="the examples in this rank's gradient since the last synchronized "
+                    f"step ({examples} over {forwards} forward passes)",
+                    got=f"local_batch_size={local_batch_size}, one micro-batch",
+                    fix=f"pass local_batch_size={examples} under gradient accumulation",
+                )
+            )
+        self._forwards = (0, 0)
+
+    def _count_forward(self, module, args, kwargs) -> None:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.dim() > 0:
+            forwards, examples = self._forwards
+            self._forwards = (forwards + 1, examples + first.shape[0])
+
+    def _reduced_norms(self) -> tuple[list[str], torch.Tensor]:
+        """Names and squared norms of the reduced gradients; clears the step."""
         params = [item for i in sorted(self._buckets) for item in self._buckets[i]]
         names = [name for name, _ in params]
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for _, p in params]  # unused
         big = torch.stack(torch._foreach_norm(self._scaled(names, grads)))
         self._clear()
-        return names, small.to(torch.float64), big.to(torch.float64).pow(2)
+        return names, big.to(torch.float64).pow(2)
 
 
 def _check_record(pending: bool, local_batch_size: int) -> None:
