@@ -6,6 +6,7 @@ import base64
 import html
 from pathlib import Path
 
+from gradnoise.monitor.calibrate import agreement_text, plot_calibration, read_calibration
 from gradnoise.monitor.console import fmt
 from gradnoise.monitor.plots import write_plots
 from gradnoise.monitor.recommend import (
@@ -23,9 +24,12 @@ REPORT_FILE = "report.html"
 
 CAPTIONS = {
     "noise_scale": "Running simple noise scale with its 90% band; dots are single batches.",
-    "gsnr": "Mean GSNR of each parameter over the second half of training.",
+    "gsnr": "GSNR = |G|^2 / tr(Sigma) of each parameter over the second half of training, "
+    "with its 90% band (0: no detectable signal).",
     "norms": "Per-example gradient norms, first third versus last third of the measured steps.",
-    "loss": "Training loss.",
+    "loss": "Training and held-out loss (and the data's entropy floor when it is known).",
+    "calibration": "gradnoise calibrate: steps against examples at each loss target with the "
+    "fitted hyperbola, and the measured critical batch beside B_simple.",
 }
 
 STYLE = (
@@ -99,8 +103,18 @@ def _coverage(run: dict | None) -> str:
     return f"<details>{summary}<table>{rows}</table></details>"
 
 
-def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:
-    """The report page for ``metrics`` with the PNG files of ``plots`` embedded."""
+def _calibration_html(calibration: dict | None, plots: dict[str, Path]) -> str:
+    if calibration is None:
+        return ""
+    return (
+        f"<h2>Calibrated critical batch</h2><p>{html.escape(agreement_text(calibration))}</p>"
+        + (_image("calibration", plots["calibration"]) if "calibration" in plots else "")
+    )
+
+
+def render_html(metrics: Metrics, plots: dict[str, Path], calibration: dict | None = None) -> str:
+    """The report page for ``metrics`` with the PNG files of ``plots`` embedded, and the result
+    of ``gradnoise calibrate`` when one is given."""
     paragraphs = [
         batch_advice(
             metrics.batch_size,
@@ -116,11 +130,12 @@ def render_html(metrics: Metrics, plots: dict[str, Path]) -> str:
     body = f"<p>{html.escape(paragraphs[0])}</p>{_trade_off_html(metrics)}" + "".join(
         f"<p>{html.escape(p)}</p>" for p in paragraphs[1:]
     )
-    figures = "".join(_image(name, path) for name, path in plots.items())
+    figures = "".join(_image(n, p) for n, p in plots.items() if n != "calibration")
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>gradnoise report</title>"
         f"<style>{STYLE}</style></head><body><h1>gradnoise profile</h1>{_facts(metrics)}"
-        f"<h2>Recommendation</h2>{body}<h2>Plots</h2>{figures}{_coverage(metrics.run)}"
+        f"<h2>Recommendation</h2>{body}{_calibration_html(calibration, plots)}"
+        f"<h2>Plots</h2>{figures}{_coverage(metrics.run)}"
         "</body></html>"
     )
 
@@ -131,6 +146,11 @@ def write_report(directory: str | Path) -> Path:
     metrics = read_metrics(directory)
     floor = (metrics.run or {}).get("loss_floor")
     plots = write_plots(metrics.steps, directory / "plots", loss_floor=floor)
+    calibration = read_calibration(directory)
+    if calibration is not None:
+        plots["calibration"] = plot_calibration(
+            calibration, directory / "plots" / "calibration.png"
+        )
     path = directory / REPORT_FILE
-    path.write_text(render_html(metrics, plots), encoding="utf-8")
+    path.write_text(render_html(metrics, plots, calibration), encoding="utf-8")
     return path
