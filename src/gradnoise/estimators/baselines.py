@@ -8,7 +8,10 @@ depend on :math:`x_k`, because :math:`E[s] = 0`. A baseline is a callable
 
     baseline(values, scores) -> list[Tensor]   # one b per parameter, broadcastable to (K, *shape)
 
-with ``values`` of shape ``(K,)`` and ``scores[i]`` of shape ``(K, *params[i].shape)``.
+with ``values`` of shape ``(K,)`` and ``scores[i]`` of shape ``(K, *params[i].shape)``. Each ``b``
+is a number, a 0-dim tensor, or a tensor with the sample dimension first and one axis per
+parameter dimension, ``(K, 1, ..., 1)`` or ``(K, *shape)`` (checked by the estimator: a per-sample
+``(K,)`` would otherwise broadcast along the parameter's last dimension).
 
 The variance-optimal constant baseline (Weaver & Tao 2001; Greensmith et al. 2004; Mohamed et al.
 2020, section 7.4.1) minimises :math:`\mathrm{tr}\,\mathrm{Var}[(f - b)s]`:
@@ -23,6 +26,9 @@ reported variance is then an approximation with an O(1/K) relative error.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -62,7 +68,21 @@ class Constant:
     """A fixed :math:`b` chosen by the user (e.g. a known mean of ``f``)."""
 
     def __init__(self, value: float) -> None:
-        self.value = float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = math.nan
+        if not math.isfinite(number) or isinstance(value, bool):
+            raise GradNoiseError(
+                explain(
+                    "Constant baseline",
+                    expected="a finite number (one b shared by every sample and coordinate)",
+                    got=repr(value),
+                    fix="pass e.g. Constant(0.5); for a per-sample baseline use LeaveOneOut or "
+                    "MovingAverage",
+                )
+            )
+        self.value = number
 
     def __call__(self, values: torch.Tensor, scores: list[torch.Tensor]) -> list[torch.Tensor]:
         return _broadcast(torch.full_like(values, self.value), scores)
@@ -74,7 +94,7 @@ class MovingAverage:
     """
 
     def __init__(self, decay: float = 0.9) -> None:
-        if not 0.0 <= decay < 1.0:
+        if not isinstance(decay, numbers.Real) or isinstance(decay, bool) or not 0 <= decay < 1:
             raise GradNoiseError(
                 explain(
                     "MovingAverage decay",

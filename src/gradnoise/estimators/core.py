@@ -41,6 +41,7 @@ __all__ = [
     "evaluate",
     "finish",
     "per_sample_grads",
+    "require_grad_path",
     "resolve",
     "seeded",
 ]
@@ -178,6 +179,28 @@ def evaluate(what: str, f: SampleFn, samples: torch.Tensor, num_samples: int) ->
     return values
 
 
+def require_grad_path(
+    what: str, values: torch.Tensor, *, sample: str = "samples", alternative: str = "ScoreFunction"
+) -> torch.Tensor:
+    """Insist that ``f``'s values depend on the (reparameterized or relaxed) samples by autograd.
+
+    Without a gradient path the backward pass fails with a raw autograd error (or, in forward
+    mode, gives a silent zero); the cause is an ``f`` that is not differentiable (detach, numpy,
+    comparisons, argmax, integer outputs).
+    """
+    if not values.requires_grad:
+        raise GradNoiseError(
+            explain(
+                f"{what} f",
+                expected=f"values differentiable in the {sample} (built from torch ops on them)",
+                got=f"a {values.dtype} tensor with no gradient path to the {sample}",
+                fix="remove detach / numpy / comparisons / argmax from f, or use "
+                f"{alternative}, which only evaluates f",
+            )
+        )
+    return values
+
+
 CHUNK = 256  # samples per vectorized backward: the cost of one chunk is O(CHUNK * chunk graph)
 
 
@@ -206,7 +229,9 @@ def per_sample_grads(
         retain_graph=retain_graph,
     )
     return [
-        torch.zeros((outputs.shape[0], *p.shape), dtype=p.dtype) if g is None else g.detach()
+        torch.zeros((outputs.shape[0], *p.shape), dtype=p.dtype, device=p.device)
+        if g is None
+        else g.detach()
         for g, p in zip(grads, params, strict=True)
     ]
 

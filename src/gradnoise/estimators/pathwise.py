@@ -25,6 +25,7 @@ from gradnoise.estimators.core import (
     evaluate,
     finish,
     per_sample_grads,
+    require_grad_path,
     resolve,
 )
 from gradnoise.estimators.sampling import IID, Sampler
@@ -74,16 +75,17 @@ class Pathwise:
         terms = [torch.cat(t) for t in zip(*(c[0] for c in chunks), strict=True)]
         if self.control_variate is not None:
             controls = [torch.cat(c) for c in zip(*(c[1] for c in chunks), strict=True)]
-            means = self.control_variate.mean_grads(dist, params)
+            means = self.control_variate.mean_grads(dist, params, controls[0].shape[-1])
             terms = self.control_variate.correct(terms, controls, means)
         return finish(params, terms, block=self.sampler.block, num_evals=num_samples)
 
     def _chunk(self, f, dist, params, size, generator):
         """Per-sample gradients of ``f`` (and of the control variate's ``h``) for one chunk."""
         x = self.sampler.sample(dist, size, generator=generator, reparam=True)
-        terms = per_sample_grads(evaluate("Pathwise", f, x, size), params)
+        values = require_grad_path("Pathwise", evaluate("Pathwise", f, x, size))
+        terms = per_sample_grads(values, params)
         if self.control_variate is None:
             return terms, None
-        h = self.control_variate.values(x, size)
+        h = self.control_variate.values(x, size, differentiable=True)
         columns = [per_sample_grads(h[:, i], params) for i in range(h.shape[1])]
         return terms, [torch.stack(per_param, -1) for per_param in zip(*columns, strict=True)]

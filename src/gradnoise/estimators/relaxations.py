@@ -32,6 +32,7 @@ from gradnoise.estimators.core import (
     evaluate,
     finish,
     per_sample_grads,
+    require_grad_path,
     resolve,
 )
 
@@ -97,7 +98,8 @@ class _Relaxation:
         chunks = []
         for size in chunk_sizes(num_samples, 1):
             y = relaxed_sample(dist, size, self.temperature, hard=self.hard, generator=generator)
-            chunks.append(per_sample_grads(evaluate(what, f, y, size), params))
+            values = require_grad_path(what, evaluate(what, f, y, size), sample="relaxed sample")
+            chunks.append(per_sample_grads(values, params))
         terms = [torch.cat(t) for t in zip(*chunks, strict=True)]
         return finish(params, terms, block=1, num_evals=num_samples)
 

@@ -12,8 +12,11 @@ Williams 1992; Mohamed et al. 2020, section 4:
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.estimators.baselines import NoBaseline
 from gradnoise.estimators.control_variates import ControlVariate
 from gradnoise.estimators.core import (
@@ -46,6 +49,47 @@ def _times(values: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return v * grads.unsqueeze(-1)
 
 
+def _check_baselines(baselines, scores: list[torch.Tensor]) -> list:
+    """One baseline per parameter, each a number, a 0-dim tensor or a tensor of the scores' rank
+    that broadcasts to them, ``(K, 1, ..., 1)`` or ``(K, *shape)``: a per-sample ``(K,)`` against
+    ``(K, D)`` scores would broadcast along the coordinates instead (silently, when ``K == D``).
+    """
+    count = len(baselines) if isinstance(baselines, (list, tuple)) else None
+    if count != len(scores):
+        raise GradNoiseError(
+            explain(
+                "ScoreFunction baseline",
+                expected=f"a list with one baseline per parameter ({len(scores)})",
+                got=f"a list of {count}" if count is not None else type(baselines).__name__,
+                fix="return a list like the built-in baselines do, "
+                "[b.reshape(-1, *[1] * (s.dim() - 1)) for s in scores]",
+            )
+        )
+    for i, (b, g) in enumerate(zip(baselines, scores, strict=True)):
+        if isinstance(b, numbers.Real) and not isinstance(b, bool):
+            continue
+        ok = isinstance(b, torch.Tensor) and b.dim() in (0, g.dim())
+        if ok and b.dim():
+            try:
+                ok = torch.broadcast_shapes(b.shape, g.shape) == g.shape
+            except RuntimeError:
+                ok = False
+        if not ok:
+            want = (g.shape[0], *([1] * (g.dim() - 1)))
+            raise GradNoiseError(
+                explain(
+                    f"ScoreFunction baseline for parameter {i}",
+                    expected=f"a number or a tensor of shape (), {want} or {tuple(g.shape)}",
+                    got=f"shape {tuple(b.shape)}"
+                    if isinstance(b, torch.Tensor)
+                    else type(b).__name__,
+                    fix="put the sample dimension first and give every parameter dimension "
+                    f"its own axis, e.g. b.reshape{want}",
+                )
+            )
+    return baselines
+
+
 class ScoreFunction:
     """REINFORCE with a baseline, an optional control variate and a sampler (all small objects)."""
 
@@ -73,12 +117,14 @@ class ScoreFunction:
         dist, params = resolve(dist, "ScoreFunction")
         check_num_samples("ScoreFunction", num_samples, self.sampler.block)
         x, values, s = self.draw(f, dist, params, num_samples, generator=generator)
-        baselines = self.baseline(values, s)
+        cv = self.control_variate
+        if cv is not None:  # checked before the baseline, which may update its own state
+            h = cv.values(x, num_samples).detach()
+            means = cv.mean_grads(dist, params, h.shape[1])
+        baselines = _check_baselines(self.baseline(values, s), s)
         terms = [_times(values, g) - b * g for g, b in zip(s, baselines, strict=True)]
-        if self.control_variate is not None:
-            cv = self.control_variate
-            controls = [_times(cv.values(x, num_samples).detach(), g) for g in s]
-            terms = cv.correct(terms, controls, cv.mean_grads(dist, params))
+        if cv is not None:
+            terms = cv.correct(terms, [_times(h, g) for g in s], means)
         return finish(params, terms, block=self.sampler.block, num_evals=num_samples)
 
     def draw(self, f, dist, params, num_samples: int, *, generator=None):

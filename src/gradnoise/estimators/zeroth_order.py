@@ -36,6 +36,7 @@ from gradnoise.estimators.core import (
     check_num_samples,
     evaluate,
     finish,
+    require_grad_path,
 )
 from gradnoise.perturbation import directions, magnitude_masks, projected_gradient
 from gradnoise.stats.moments import GradMoments
@@ -109,7 +110,11 @@ class ForwardGradient:
         eps = torch.randn(shape, generator=generator, dtype=theta.dtype)
         v = torch.randn(shape, generator=generator, dtype=theta.dtype)
         x = theta + scale * eps
-        evaluate("ForwardGradient", f, x, num_samples)  # shape check before the jvp
+        # Shape and differentiability checks before the jvp, which would silently return a zero
+        # slope for an f with no gradient path (detach, comparisons, argmax).
+        with torch.enable_grad():
+            values = evaluate("ForwardGradient", f, x.detach().requires_grad_(), num_samples)
+        require_grad_path("ForwardGradient", values, alternative="SPSA")
         _, slope = jvp(f, (x,), (v,))
         term = slope.detach().reshape(-1, *([1] * theta.dim())) * v
         return finish((loc,), [term], block=1, num_evals=num_samples)
@@ -153,6 +158,23 @@ class MeZO:
 
 
 def _trainable(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    # A lone tensor would be iterated row by row: every row perturbed and reported as a separate
+    # 0-dim "parameter" (views, not the tensor); torch.optim refuses it the same way.
+    given = type(params).__name__
+    try:
+        params = None if isinstance(params, torch.Tensor) else list(params)
+    except TypeError:  # not iterable, e.g. the module itself instead of model.parameters()
+        params = None
+    if params is None or not all(isinstance(p, torch.Tensor) for p in params):
+        raise GradNoiseError(
+            explain(
+                "MeZO params",
+                expected="an iterable of tensors (e.g. model.parameters() or [theta])",
+                got=f"a single {given}" if params is None else "an iterable holding non-tensors",
+                fix="pass tensors only, e.g. model.parameters(); wrap a single tensor in a list, "
+                "MeZO()(loss, [theta])",
+            )
+        )
     params = [p for p in params if p.requires_grad]
     if not params:
         raise GradNoiseError(
