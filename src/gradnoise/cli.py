@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gradnoise.errors import GradNoiseError
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.monitor.checks import check_batch_size, check_every, check_out_dir
 from gradnoise.monitor.profile import DEFAULT_LR, as_workload, check_run, load_factory, run_profile
 from gradnoise.monitor.recommend import (
@@ -30,6 +30,7 @@ from gradnoise.monitor.recommend import (
 from gradnoise.monitor.records import read_metrics
 from gradnoise.monitor.report import write_report
 from gradnoise.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
+from gradnoise.workloads.hf import is_config_spec, make_hf_workload
 
 __all__ = ["build_parser", "main"]
 
@@ -56,10 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--model",
-        metavar="MODULE:FACTORY",
+        metavar="MODULE:FACTORY|CONFIG",
         help="your own model: FACTORY(batch_size=B) returns a Workload or (model, batches, "
         "loss_fn) with loss_fn(model, batch) the batch-mean loss; a finite batches iterable "
-        "(a list, a DataLoader) is re-iterated each epoch until --steps steps have run",
+        "(a list, a DataLoader) is re-iterated each epoch until --steps steps have run. Or "
+        "CONFIG, a local transformers config.json or model directory: its causal LM is built "
+        "with random weights and trained on --data, nothing is downloaded",
+    )
+    profile.add_argument(
+        "--data",
+        metavar="PATH",
+        help='with --model CONFIG: a local UTF-8 text, or a .jsonl file with a "text" field '
+        "per line; the first 90%% of its tokens train, the last 10%% are held out",
+    )
+    profile.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="T",
+        help="with --model CONFIG: tokens per example (default: 128, or the model's context "
+        "if shorter)",
     )
     profile.add_argument(
         "--steps",
@@ -85,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="AdamW learning rate (default: the workload's own, 3e-3 for the built-in ones; "
-        f"{DEFAULT_LR:g} for a (model, batches, loss_fn) factory)",
+        f"{DEFAULT_LR:g} for a (model, batches, loss_fn) factory and a --model CONFIG)",
     )
     profile.add_argument(
         "--out",
@@ -106,6 +123,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _workload(args: argparse.Namespace):
+    # with --data, a bare name is a config too (a hub name, refused: nothing is downloaded)
+    if args.model and (is_config_spec(args.model) or (args.data and ":" not in args.model)):
+        if not args.data:
+            raise GradNoiseError(
+                explain(
+                    f"--model {args.model}",
+                    expected="--data PATH with it (a local text or .jsonl file to train on)",
+                    got="no --data",
+                    fix=f"run gradnoise profile --model {args.model} --data my_text.txt",
+                )
+            )
+        os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: only local files are ever read
+        return make_hf_workload(
+            args.model,
+            args.data,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        )
+    for flag, value in (("--data", args.data), ("--seq-len", args.seq_len)):
+        if value is not None:
+            raise GradNoiseError(
+                explain(
+                    flag,
+                    expected="--model CONFIG beside it (a transformers config.json or "
+                    "model directory)",
+                    got=f"{flag} {value} with "
+                    + (f"--model {args.model}" if args.model else f"--workload {args.workload}"),
+                    fix=f"drop {flag}, or pass --model path/to/config.json",
+                )
+            )
     if args.model:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())

@@ -68,7 +68,8 @@ def load_factory(spec: str):
         raise _factory_error(
             spec,
             "no ':' between module and function",
-            "write it as my_package.my_module:make_workload",
+            "write it as my_package.my_module:make_workload, or pass the path of a local "
+            "transformers config.json or model directory",
         )
     try:
         module = _import(module_name)
