@@ -13,7 +13,13 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-demo: setup
+# The demo installs only the package and its four dependencies (torch, numpy, rich, matplotlib).
+$(VENV)/.installed-base: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e .
+	touch $@
+
+demo: $(VENV)/.installed-base
 	$(VENV)/bin/gradnoise profile
 
 test: setup

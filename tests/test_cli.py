@@ -264,3 +264,17 @@ def test_help_states_the_defaults(capsys):
     for text in ("(default 800)", "(default 32)", "(default 0)", "(default gradnoise-profile)"):
         assert text in out
     assert "re-iterated each epoch" in out and "--lr" in out
+
+
+def test_calibrate_command_writes_its_file_and_explains_bad_lists(tmp_path, capsys):
+    out = tmp_path / "cal"
+    argv = ["calibrate", "--workload", "images", "--batches", "4,8,16", "--lr-factors", "1"]
+    assert main([*argv, "--budget", "1280", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrating images: 3 fixed-batch runs" in printed
+    assert "Calibration over 1 seed(s)" in printed and (out / "calibration.json").is_file()
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--batches", "8,x"])
+    assert "expected comma-separated integers, got '8,x'" in capsys.readouterr().err
+    assert main(["calibrate", "--batches", "8,16", "--out", str(tmp_path / "o")]) == 2
+    assert "--batches: expected at least 3 batch sizes" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import argparse
 import os
 import random
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -18,6 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.monitor.calibrate import (
+    CALIBRATION_FILE,
+    CalibrationSettings,
+    agreement_text,
+    calibrate,
+)
 from gradnoise.monitor.checks import check_batch_size, check_every, check_out_dir
 from gradnoise.monitor.profile import DEFAULT_LR, as_workload, check_run, load_factory, run_profile
 from gradnoise.monitor.recommend import (
@@ -119,7 +127,68 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--no-console", action="store_true", help="no live view")
     report = commands.add_parser("report", help="re-render report.html from DIR/metrics.jsonl")
     report.add_argument("dir")
+    _add_calibrate(commands)
     return parser
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _add_calibrate(commands) -> None:
+    d = CalibrationSettings()
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure the critical batch with fixed-batch runs and compare it with B_simple",
+    )
+    calibrate.add_argument(
+        "--workload", default=d.workload, help=f"built-in workload (default {d.workload})"
+    )
+    calibrate.add_argument(
+        "--batches",
+        type=_ints,
+        default=d.batches,
+        help=f"batch sizes, comma-separated (default {','.join(map(str, d.batches))})",
+    )
+    calibrate.add_argument(
+        "--lr-factors",
+        type=_floats,
+        default=d.lr_factors,
+        help="learning-rate grid around the square-root rule, comma-separated (default "
+        f"{','.join(map(str, d.lr_factors))})",
+    )
+    calibrate.add_argument(
+        "--seeds",
+        type=_ints,
+        default=d.seeds,
+        help="seeds, comma-separated; the spread over them is reported (default 0)",
+    )
+    calibrate.add_argument(
+        "--budget",
+        type=int,
+        default=d.budget_examples,
+        help="examples of the reference run (the middle batch size, at the workload's learning "
+        f"rate), which sets the loss targets; other runs may use {d.budget_factor:g}x "
+        f"(default {d.budget_examples})",
+    )
+    calibrate.add_argument(
+        "--out",
+        default=DEFAULTS["out"],
+        help="directory for calibration.json (a profile's report there shows it; default "
+        f"{DEFAULTS['out']})",
+    )
 
 
 def _workload(args: argparse.Namespace):
@@ -218,12 +287,34 @@ def _report(args: argparse.Namespace, console: Console) -> None:
     console.print(f"report: {path}")
 
 
+def _calibrate(args: argparse.Namespace, console: Console) -> None:
+    settings = replace(
+        CalibrationSettings(),
+        workload=args.workload,
+        batches=tuple(sorted(set(args.batches))),
+        lr_factors=args.lr_factors,
+        seeds=args.seeds,
+        budget_examples=args.budget,
+    )
+    check_out_dir(args.out)
+    runs = len(settings.seeds) * len(settings.batches) * len(settings.lr_factors)
+    console.print(f"calibrating [bold]{settings.workload}[/]: {runs} fixed-batch runs")
+    result = calibrate(settings, out=args.out, progress=console.print)
+    console.print(agreement_text(result))
+    console.print(f"calibration: {Path(args.out) / CALIBRATION_FILE} ({result['seconds']:.0f} s)")
+    if (Path(args.out) / "metrics.jsonl").is_file():
+        console.print(f"report: {write_report(args.out)} (now with the calibration)")
+
+
+COMMANDS = {"profile": "_profile", "report": "_report", "calibrate": "_calibrate"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input, with a one-line reason)."""
     args = build_parser().parse_args(argv)
     console = Console()
     try:
-        (_profile if args.command == "profile" else _report)(args, console)
+        globals()[COMMANDS[args.command]](args, console)
     except GradNoiseError as error:
         message = Text("error: ", style="bold red") + Text(str(error))
         Console(stderr=True, soft_wrap=True).print(message, highlight=False)

@@ -69,7 +69,7 @@ class CalibrationSettings:
     workload: str = "markov"
     batches: tuple[int, ...] = (8, 16, 32, 64, 128)
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
-    reference_batch: int = 32
+    reference_batch: int | None = None  # None: the middle of ``batches``
     reference_lr: float | None = None  # None: the workload's own
     budget_examples: int = 12_800
     budget_factor: float = 3.0
@@ -78,6 +78,14 @@ class CalibrationSettings:
     warmup: int = 20
     measure_every: int = 4
     seeds: tuple[int, ...] = (0,)
+
+    @property
+    def reference(self) -> int:
+        """The reference batch: ``reference_batch``, or the middle one of ``batches``."""
+        if self.reference_batch is not None:
+            return self.reference_batch
+        ordered = sorted(self.batches)
+        return ordered[len(ordered) // 2]
 
 
 @dataclass
@@ -186,8 +194,8 @@ def _check(settings: CalibrationSettings) -> None:
     problems = []
     if len(settings.batches) < 3 or any(b < 2 for b in settings.batches):
         problems.append(("--batches", "at least 3 batch sizes, each >= 2", settings.batches))
-    if settings.reference_batch not in settings.batches:
-        problems.append(("--reference-batch", "one of --batches", settings.reference_batch))
+    if settings.reference not in settings.batches:
+        problems.append(("--reference-batch", "one of --batches", settings.reference))
     if not settings.seeds:
         problems.append(("--seeds", "at least one seed", settings.seeds))
     if settings.budget_examples < 4 * settings.eval_examples:
@@ -209,7 +217,7 @@ def _check(settings: CalibrationSettings) -> None:
 def _run(settings: CalibrationSettings, batch: int, factor: float, seed: int, **kwargs) -> Curve:
     workload = get_workload(settings.workload, batch_size=batch, seed=seed)
     lr_ref = settings.reference_lr or workload.lr
-    lr = lr_ref * math.sqrt(batch / settings.reference_batch) * factor
+    lr = lr_ref * math.sqrt(batch / settings.reference) * factor
     return train_curve(
         workload,
         lr=lr,
@@ -226,7 +234,7 @@ def calibrate_seed(
     """One seed: the reference run, every other run, and the per-target fits."""
     reference = _run(
         settings,
-        settings.reference_batch,
+        settings.reference,
         1.0,
         seed,
         max_examples=settings.budget_examples,
@@ -237,7 +245,7 @@ def calibrate_seed(
     runs = [reference]
     for batch in settings.batches:
         for factor in settings.lr_factors:
-            if batch == settings.reference_batch and factor == 1.0:
+            if batch == settings.reference and factor == 1.0:
                 continue
             curve = _run(
                 settings,
