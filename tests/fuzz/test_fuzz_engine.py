@@ -1,6 +1,7 @@
 """Property-based fuzzing of GradStats: random small models and losses against the reference loop.
 
-Strategies (hypothesis, 25-40 examples each, float64 so the budget is rounding only, 1e-9):
+Strategies (hypothesis, derandomized, 25-40 examples each, float64 so the budget is rounding
+only, 1e-9; see tests/README.md):
 
 * **sequence models** ``(B, T, d)``: an optional embedding front (tokens, plus a ``(1, T)``
   position table or a bare added ``pos`` parameter), then 1-4 random blocks from Linear (with or
@@ -20,14 +21,15 @@ elementwise moments and ``.grad`` equal to the per-example autograd loop within 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from gradnoise import GradNoiseError, GradStats
 from gradnoise.testing.check import reference_errors
+from tests.fuzz import fuzz_settings
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = fuzz_settings(30)
 
 
 class Scale(nn.Module):
@@ -181,7 +183,7 @@ anything = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@fuzz_settings(40)
 @given(
     keyword=st.sampled_from(["loss_reduction", "fallback"]),
     value=anything,
@@ -196,7 +198,7 @@ def test_bad_arguments_raise_only_gradnoise_errors(keyword, value, model):
         GradStats(model)
 
 
-@settings(max_examples=25, deadline=None)
+@fuzz_settings(25)
 @given(shape=st.lists(st.integers(0, 3), min_size=0, max_size=3))
 def test_inputs_of_any_shape_give_results_or_gradnoise_errors(shape):
     model = nn.Linear(3, 2).double()
