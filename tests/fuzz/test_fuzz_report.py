@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.records import METRICS_FILE, read_metrics
 from gradnoise.monitor.report import render_html, write_report
-from tests.fuzz import fuzz_settings, known_bug
+from tests.fuzz import fuzz_settings
 
 NAMES = ["0.weight", "0.bias", "head.weight"]
 STEP_NUMBERS = ["time", "loss", "b_simple", "ci_low", "ci_high", "b_batch", "trace_sigma"]
@@ -231,11 +231,6 @@ def test_the_reader_returns_the_records_or_a_gradnoise_error(tmp_path_factory, c
     assert metrics.skipped == skipped
 
 
-@known_bug(
-    "render_html on accepted records: integers beyond a float (OverflowError in fmt), a run "
-    "record without 'every'/'measured_step_ratio' (KeyError/TypeError), a negative b_simple "
-    "(ZeroDivisionError in the trade-off table)"
-)
 @fuzz_settings(250, shrink=False)
 @given(metric_files())
 @example(
@@ -252,10 +247,6 @@ def test_whatever_the_reader_accepts_renders(tmp_path_factory, case):
     assert page.startswith("<!DOCTYPE html>")
 
 
-@known_bug(
-    "write_report's plots on accepted records: integers beyond a float (OverflowError), "
-    "Infinity per-example norms (ValueError from hist)"
-)
 @fuzz_settings(12, shrink=False)
 @given(metric_files())
 @example(

@@ -73,7 +73,7 @@ class CalibrationSettings:
     reference_lr: float | None = None  # None: the workload's own
     budget_examples: int = 12_800
     budget_factor: float = 3.0
-    eval_examples: int = 320
+    eval_examples: int = 640
     target_fractions: tuple[float, ...] = (0.5, 0.75, 1.0)
     warmup: int = 20
     measure_every: int = 4

@@ -26,7 +26,13 @@ def fmt(value: float | None, digits: int = 3) -> str:
     ``837.4 -> "837"``, ``12345 -> "12,300"``, ``0.000123 -> "0.000123"``; ``None`` or NaN reads
     ``n/a`` and infinity ``unbounded``.
     """
-    if value is None or math.isnan(value):
+    if value is None:
+        return "n/a"
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range, e.g. from a hand-edited metrics file
+        value = math.inf if value > 0 else -math.inf
+    if math.isnan(value):
         return "n/a"
     if math.isinf(value):
         return "unbounded" if value > 0 else "-unbounded"

@@ -23,8 +23,18 @@ from gradnoise.monitor.summary import gsnr_ranking
 __all__ = ["write_plots"]
 
 
+def _finite(value) -> float | None:
+    """``value`` as a float, or None when it is not finite (or beyond float range)."""
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _series(steps: list[dict], key: str) -> list[float]:
-    return [math.nan if r.get(key) is None else r[key] for r in steps]
+    values = [_finite(r.get(key)) if r.get(key) is not None else None for r in steps]
+    return [math.nan if v is None else v for v in values]
 
 
 def _save(fig, path: Path) -> Path:
@@ -75,7 +85,8 @@ def plot_norms(steps: list[dict], path: Path) -> Path:
     third = max(1, len(steps) // 3)
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for label, part in (("early", steps[:third]), ("late", steps[-third:])):
-        norms = [v for r in part for v in r.get("example_norms", []) if v is not None]
+        norms = [_finite(v) for r in part for v in r.get("example_norms", []) if v is not None]
+        norms = [v for v in norms if v is not None]
         if norms:
             ax.hist(norms, bins=40, alpha=0.55, label=f"{label} ({len(norms)} examples)")
     ax.set(

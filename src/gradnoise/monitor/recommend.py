@@ -62,6 +62,8 @@ def _examples_over_min(batch: float, noise: float) -> float:
 
 
 def _relative(batch: float, current: float, noise: float) -> tuple[float, float]:
+    if noise <= 0:  # the limit B_noise -> 0: steps no longer fall, examples grow with B
+        return 1.0, batch / current
     if math.isinf(noise):  # the limit B_noise -> inf: steps scale as 1/B, examples equal
         return current / batch, 1.0
     steps = _steps_over_min(batch, noise) / _steps_over_min(current, noise)
@@ -151,11 +153,9 @@ TRADE_OFF_HEADER = ("batch", "steps vs now", "examples vs now", "steps / minimum
 def trade_off_table(batch_size: int, record: dict) -> list[tuple[str, str, str, str]]:
     """The report's and the console's trade-off cells from a step record (empty when the noise
     scale is undefined: nothing to predict from)."""
-    b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
+    b, low, high = _reading(record)
     if b is None or not batch_size:
         return []
-    low = b if low is None else low
-    high = math.inf if high is None else high
     rows = trade_offs(batch_size, b, low, high, candidate_batches(batch_size, b))
     return trade_off_rows(rows, batch_size)
 
@@ -164,7 +164,7 @@ def batch_advice(
     batch_size: int, record: dict, first: dict | None = None, *, optimizer: str | None = None
 ) -> str:
     """One paragraph on the batch size, from the last step record's running reading."""
-    b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
+    b, low, high = _reading(record)
     if b is None:
         return (
             f"At batch size {batch_size} the mean gradient could not be told apart from its "
@@ -172,9 +172,7 @@ def batch_advice(
             "batch nearly halves the steps for about the same examples. Profile again with a "
             "larger --batch-size to place the noise scale. " + lr_rule(optimizer)
         )
-    unbounded = high is None
-    high = math.inf if unbounded else high
-    low = b if low is None else low
+    unbounded = math.isinf(high)
     band = f"{fmt(low)} to {fmt(high)}"
     current = trade_offs(batch_size, b, low, high, [batch_size])[0]
     if batch_size < low:
@@ -202,6 +200,23 @@ def batch_advice(
             "much, so the ranges run to the limit of a very large noise scale. "
         )
     return text + lr_rule(optimizer) + _growth(first, b)
+
+
+def _reading(record: dict) -> tuple[float | None, float | None, float | None]:
+    """``(b_simple, low, high)`` of a record as floats, or three Nones when B_simple is not
+    positive (undefined; only a hand-made record holds a negative one).
+
+    The file writes both NaN (no interval yet, one step) and inf (unbounded above) as null: two
+    nulls mean no band (``low = high = b_simple``), a null ``ci_high`` alone an unbounded one.
+    """
+    b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
+    if b is None or not b > 0:
+        return None, None, None
+    if low is None and high is None:
+        return b, b, b
+    low = min(max(low or 0.0, 0.0), b)
+    high = math.inf if high is None else max(high, b)
+    return b, low, high
 
 
 def _growth(first: dict | None, b: float) -> str:
@@ -243,9 +258,20 @@ def _gsnr_text(g: GsnrSummary) -> str:
     return f"{plain(g.value)}, {plain(g.low)} to {plain(g.high)}"
 
 
+OVERHEAD_FIELDS = (
+    "overhead_fraction",
+    "measured_steps",
+    "every",
+    "measured_step_ratio",
+    "plain_step_median",
+    "monitor_seconds",
+    "train_seconds",
+)
+
+
 def overhead_text(run: dict | None) -> str:
     """One sentence on the measured cost of profiling."""
-    if not run or run.get("overhead_fraction") is None:
+    if not run or any(run.get(key) is None for key in OVERHEAD_FIELDS):
         return (
             "The profiling overhead was not measured (the run ended early or had no plain steps)."
         )

@@ -15,7 +15,13 @@ from statistics import NormalDist
 
 import torch
 
-__all__ = ["EmaAverage", "WindowAverage", "fieller_interval", "student_quantile"]
+__all__ = ["EmaAverage", "WindowAverage", "ema_sq_weight", "fieller_interval", "student_quantile"]
+
+
+def ema_sq_weight(beta: float, steps: int) -> float:
+    r""":math:`\sum_s w_s^2` of ``steps`` unnormalized EMA weights :math:`(1-\beta)\beta^{t-s}`:
+    :math:`(1-\beta)^2 (1 - \beta^{2t}) / (1 - \beta^2)`."""
+    return (1 - beta) ** 2 * (1 - beta ** (2 * steps)) / (1 - beta**2)
 
 
 def _ok(ok: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -114,8 +120,6 @@ class WindowAverage:
         return self.pushes - self.steps
 
     def _good_rows(self) -> torch.Tensor:
-        if not self.rows:
-            return torch.zeros(0, 0, dtype=torch.float64)
         return torch.stack(list(self.rows))[torch.stack(list(self.oks))]
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -128,19 +132,23 @@ class WindowAverage:
         return rows.mean(0), z.T @ z / len(rows), 1.0 / len(rows)
 
     def state(self) -> dict:
-        rows = self._good_rows() if self.rows else None
+        """The window's rows, skipped ones included (``ok`` marks the averaged ones)."""
         steps = self.steps
-        return {"steps": steps, "skipped": self.pushes - steps, "rows": rows}
+        rows = torch.stack(list(self.rows)) if self.rows else None
+        ok = torch.stack(list(self.oks)).cpu() if self.rows else None
+        return {"steps": steps, "skipped": self.pushes - steps, "rows": rows, "ok": ok}
 
     def load(self, state: dict) -> None:
         steps, skipped = state["steps"], state.get("skipped", 0)
         self.pushes = steps + skipped
-        rows = state["rows"]
+        rows, ok = state["rows"], state.get("ok")
         self.rows = deque([] if rows is None else list(rows), maxlen=self.size)
-        self.oks = deque([torch.ones((), dtype=torch.bool) for _ in self.rows], maxlen=self.size)
-        self.good = (
-            torch.tensor(float(steps), dtype=torch.float64) if steps or rows is not None else None
-        )
+        if ok is None:  # a state from before skipped rows were saved: every row was averaged
+            ok = torch.ones(len(self.rows), dtype=torch.bool)
+        device = rows.device if rows is not None else None
+        self.oks = deque([flag.to(device) for flag in ok], maxlen=self.size)
+        started = steps + skipped > 0
+        self.good = torch.tensor(float(steps), dtype=torch.float64) if started else None
 
 
 def fieller_interval(
@@ -177,7 +185,7 @@ def student_quantile(p: float, dof: float) -> float:
     at two-sided levels up to 0.95 (tested). Falls back to the normal quantile as ``dof -> inf``.
     """
     z = NormalDist().inv_cdf(p)
-    if math.isinf(dof):
+    if dof > 1e6:  # the expansion's terms are below 1e-6 of z here (and would overflow later)
         return z
     g1 = (z**3 + z) / 4
     g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96

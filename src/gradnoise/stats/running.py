@@ -39,6 +39,7 @@ from gradnoise.errors import GradNoiseError, explain
 from gradnoise.stats.averaging import (
     EmaAverage,
     WindowAverage,
+    ema_sq_weight,
     fieller_interval,
     student_quantile,
 )
@@ -93,6 +94,16 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
     if isinstance(source, TwoBatchNorms):
         return _two_batch_vectors(source)
     if isinstance(source, Mapping) and source:
+        bad = [name for name, record in source.items() if not isinstance(record, GradMoments)]
+        if bad:
+            raise GradNoiseError(
+                explain(
+                    "NoiseScale.update",
+                    expected="a dict of GradMoments (one per parameter)",
+                    got=f"{type(source[bad[0]]).__name__} for {bad[0]!r}",
+                    fix="pass stats.moments() or the GradStats object itself",
+                )
+            )
         pairs = {name: _moments_estimates(record) for name, record in source.items()}
     else:
         raise GradNoiseError(
@@ -236,10 +247,19 @@ class NoiseScale:
         return {**config, "names": self._names, "average": self._avg.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`; ``beta`` and ``window`` must match this object's."""
+        """Continue from :meth:`state_dict`; ``beta`` and ``window`` must match this object's.
+
+        Everything is checked before anything changes; a refused state leaves this object as
+        it was.
+        """
+        if not isinstance(state, Mapping):
+            _refuse_state(f"a {type(state).__name__}, not a dict")
         mine = {"beta": self.beta, "window": self.window}
         theirs = {key: state.get(key) for key in mine}
-        if mine != theirs or "average" not in state:
+        same = all(
+            type(theirs[k]) in (int, float, type(None)) and theirs[k] == mine[k] for k in mine
+        )
+        if not same or "average" not in state:
             raise GradNoiseError(
                 explain(
                     "NoiseScale.load_state_dict",
@@ -249,57 +269,94 @@ class NoiseScale:
                 )
             )
         names, average = state.get("names"), state["average"]
-        problem = _state_problem(names, average, self.window)
+        problem = _state_problem(names, average, self.window, self.beta)
         if problem:
-            raise GradNoiseError(
-                explain(
-                    "NoiseScale.load_state_dict",
-                    expected="a state saved by NoiseScale.state_dict (names, steps and averages "
-                    "of matching types and lengths)",
-                    got=problem,
-                    fix="load an unmodified state_dict saved by NoiseScale",
-                )
-            )
+            _refuse_state(problem)
         self._avg.load(average)
         self._names = None if names is None else list(names)
 
 
-def _state_problem(names, average, window) -> str | None:
+def _refuse_state(problem: str) -> None:
+    raise GradNoiseError(
+        explain(
+            "NoiseScale.load_state_dict",
+            expected="a state saved by NoiseScale.state_dict (names, steps and averages "
+            "of matching types and lengths)",
+            got=problem,
+            fix="load an unmodified state_dict saved by NoiseScale",
+        )
+    )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _float64(value, shape: tuple) -> bool:
+    return (
+        isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.shape == shape
+    )
+
+
+def _state_problem(names, average, window, beta) -> str | None:
     """What is wrong with a saved ``(names, average)`` pair, or None; nothing is changed."""
     if not isinstance(average, Mapping):
         return f"average of type {type(average).__name__}"
     steps, skipped = average.get("steps"), average.get("skipped", 0)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if not _is_count(steps):
         return f"steps={steps!r}"
-    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+    if not _is_count(skipped):
         return f"skipped={skipped!r}"
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
     ):
         return f"names of type {type(names).__name__}"
-    width = None if names is None else 2 * len(names)
+    if names is None and steps + skipped > 0:
+        return f"names=None after {steps + skipped} steps"
+    width = 0 if names is None else 2 * len(names)
     keys = ("steps", "rows") if window is not None else ("steps", "sq_weight", "x", "zz")
     missing = [k for k in keys if k not in average]
     if missing:
         return f"average without {missing}"
     if window is not None:
-        rows = average["rows"]
-        if rows is None:
-            return None if steps == 0 or names is None else "rows=None after steps > 0"
-        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != width:
-            return f"rows of shape {getattr(rows, 'shape', type(rows).__name__)}, width {width}"
-        if steps < rows.shape[0] or rows.shape[0] > window:
-            return f"steps={steps} with {rows.shape[0]} rows (window {window})"
-        return None
+        return _window_problem(average, steps, skipped, window, width)
+    return _ema_problem(average, steps, beta, width)
+
+
+def _window_problem(average, steps: int, skipped: int, window: int, width: int) -> str | None:
+    rows, ok = average["rows"], average.get("ok")
+    if rows is None:
+        return None if steps + skipped == 0 else "rows=None after steps > 0"
+    if not (isinstance(rows, torch.Tensor) and rows.dim() == 2):
+        return f"rows of type {type(rows).__name__}"
+    if not _float64(rows, (rows.shape[0], width)):
+        return f"rows of shape {tuple(rows.shape)} {rows.dtype}, expected (k, {width}) float64"
+    count = rows.shape[0]
+    if ok is not None and not (
+        isinstance(ok, torch.Tensor) and ok.dtype == torch.bool and ok.shape == (count,)
+    ):
+        return f"ok of type {type(ok).__name__}, expected a ({count},) bool tensor"
+    good = count if ok is None else int(ok.sum())
+    if count > window or count > steps + skipped or good > steps:
+        return f"steps={steps} with {count} rows (skipped {skipped}, window {window})"
+    return None
+
+
+def _ema_problem(average, steps: int, beta: float, width: int) -> str | None:
     x, zz, sq = average["x"], average["zz"], average["sq_weight"]
-    if steps == 0:
+    if steps == 0 and x is None and zz is None:
         return None
-    if not isinstance(sq, (int, float)) or isinstance(sq, bool) or not 0 < sq <= 1:
-        return f"sq_weight={sq!r}"
-    if not isinstance(x, torch.Tensor) or x.shape != (width,):
-        return f"x of shape {getattr(x, 'shape', type(x).__name__)}, expected ({width},)"
-    if not isinstance(zz, torch.Tensor) or zz.shape != (2, 2):
-        return f"zz of shape {getattr(zz, 'shape', type(zz).__name__)}, expected (2, 2)"
+    if not _float64(x, (width,)):
+        return f"x of shape {getattr(x, 'shape', type(x).__name__)}, expected ({width},) float64"
+    if not _float64(zz, (2, 2)):
+        return f"zz of shape {getattr(zz, 'shape', type(zz).__name__)}, expected (2, 2) float64"
+    if steps == 0:  # only skipped steps so far: the averages are still zeros
+        return None
+    expected = ema_sq_weight(beta, steps)
+    if not isinstance(sq, (int, float)) or isinstance(sq, bool) or not math.isclose(
+        sq, expected, rel_tol=1e-6
+    ):
+        return f"sq_weight={sq!r}, expected {expected!r} after {steps} steps"
     return None
 
 

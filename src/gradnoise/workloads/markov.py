@@ -103,7 +103,7 @@ def stream(
 BUFFERED_BATCHES = 16
 
 
-HELDOUT_EXAMPLES = 512
+HELDOUT_EXAMPLES = 256
 
 
 def make(*, batch_size: int = 32, seed: int = 0, context: int = 64, vocab: int = 24) -> Workload:
