@@ -42,7 +42,7 @@ from gradnoise.rl import (
     rloo_advantages,
     tracker_advantages,
 )
-from tests.fuzz import fuzz_settings, known_bug
+from tests.fuzz import fuzz_settings
 
 F32_MAX = float(torch.finfo(torch.float32).max)
 REL = 2e-5  # float32 rounding (the package computes in the default dtype) with headroom
@@ -291,7 +291,6 @@ def test_grpo_gives_zero_to_zero_variance_groups_of_exact_rewards(layout):
         start += len(g)
 
 
-@known_bug("grpo_advantages: constant groups of non-integer rewards get +-0.07..0.95, not 0")
 @fuzz_settings(60, shrink=False)
 @given(
     st.integers(2, 16),
@@ -305,7 +304,6 @@ def test_grpo_gives_zero_to_constant_groups_at_any_reward_level(n, level, dtype)
     assert got.abs().max().item() <= 1e-6, (level, n, got)
 
 
-@known_bug("rewards beyond float32's range give NaN or 0 instead of the advantages")
 @fuzz_settings(60, shrink=False)
 @given(layouts(kinds=("big", "huge64")), st.sampled_from(sorted(GROUP_FUNCTIONS)))
 @example(
@@ -319,7 +317,6 @@ def test_rewards_beyond_float32_are_refused_or_exact(layout, name):
     _refused_or_right(lambda: fn(rewards, sizes), lambda: ref(groups, 1e-4), _shape(rewards))
 
 
-@known_bug("eps is not checked: a negative or NaN eps gives inf/NaN advantages")
 @fuzz_settings(40, shrink=False)
 @given(
     layouts(kinds=("binary", "floats")),
@@ -366,7 +363,6 @@ def test_opo_advantages_match_the_length_weighted_baseline(layout, data):
     )
 
 
-@known_bug("opo_advantages: NaN or inf response lengths give NaN advantages")
 @fuzz_settings(30, shrink=False)
 @given(
     layouts(kinds=("binary", "floats")), st.sampled_from([math.nan, math.inf]), st.integers(0, 99)
@@ -414,7 +410,6 @@ def test_bnpo_refuses_rewards_outside_the_unit_interval(layout):
         bnpo_advantages(rewards, sizes)
 
 
-@known_bug("bnpo_advantages: alpha or beta <= 0 or NaN raise a raw ValueError (math domain)")
 @fuzz_settings(30, shrink=False)
 @given(
     layouts(kinds=("binary",)),
@@ -452,7 +447,6 @@ def test_global_baseline_advantages_match_the_batch_formula(layout, eps, data):
     )
 
 
-@known_bug("global_baseline_advantages: an all-equal batch is off by up to 56% (float32 std)")
 @fuzz_settings(40, shrink=False)
 @given(
     st.integers(2, 12),
@@ -469,7 +463,6 @@ def test_global_baseline_of_a_constant_batch_is_exact(n, level, mean):
     assert abs(got[0].item() - want) <= 1e-3 * abs(want) + 1e-6, (got, want)
 
 
-@known_bug("global/tracker advantages: NaN prompt means or tracked values give NaN advantages")
 @fuzz_settings(30, shrink=False)
 @given(
     layouts(kinds=("binary", "floats")),
@@ -553,7 +546,6 @@ def test_bad_layouts_raise_only_gradnoise_errors(fn, sizes, values, shape):
     assert torch.isfinite(out).all() and out.shape == rewards.shape
 
 
-@known_bug("sizes of a wrong type: 'ab' raises a raw TypeError, 1.5 and [2, 1.5] are truncated")
 @fuzz_settings(30, shrink=False)
 @given(
     st.sampled_from(ADVANTAGES),

@@ -51,7 +51,7 @@ from gradnoise.rl import (
     VarianceAwareSampling,
     apportion,
 )
-from tests.fuzz import fuzz_settings, known_bug
+from tests.fuzz import fuzz_settings
 
 KINDS = ["uniform", "dapo", "gvm", "ada", "ada_balanced", "vade", "vas", "vade+ada"]
 
@@ -111,7 +111,6 @@ def test_apportion_is_exact_bounded_and_largest_remainder(weights, budget, lo, h
     assert (n >= lo).all() and (n <= cap).all(), (n, lo, cap)
 
 
-@known_bug("apportion hands the remainder to the largest weights, not the largest fractions")
 @fuzz_settings(100, shrink=False)
 @given(
     st.lists(st.floats(0, 100), min_size=1, max_size=8),
@@ -359,10 +358,6 @@ def test_bad_observations_are_refused_before_any_change(case, data):
     assert _same(_state(allocator), before)
 
 
-@known_bug(
-    "allocate(stats, budget) with a budget that is not an int: None/'64' raise a raw TypeError, "
-    "64.5/NaN run on or are refused after VADE/VAS have drawn from their RNG"
-)
 @fuzz_settings(40, shrink=False)
 @given(allocator_cases(), st.sampled_from([None, "64", 64.5, math.nan]))
 @example(case=("uniform", Uniform(8, 2, seed=0), 0), budget=None)  # raw TypeError
@@ -536,8 +531,6 @@ def test_corrupted_states_are_refused_or_usable_never_a_raw_error(case, steps, d
         _run_steps(allocator, gen, 2)
 
 
-@known_bug("a corrupted RNG state (a negative or too large int) raises a raw OverflowError "
-           "after the history was already replaced")  # fmt: skip
 @fuzz_settings(40, shrink=False)
 @given(
     allocator_cases(),

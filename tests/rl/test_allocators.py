@@ -68,7 +68,11 @@ def test_seeds_matter_for_randomised_allocators():
 
 def test_apportion_is_proportional_bounded_and_exact():
     n = apportion(torch.tensor([1.0, 2.0, 3.0, 0.0]), 13, lo=2, hi=5)
-    assert n.tolist() == [2, 4, 5, 2] and int(n.sum()) == 13
+    # 2 each, then the free 5 by weight: shares 0.83, 1.67, 2.5, 0 -> floors 0, 1, 2, 0 and the
+    # two left over to the largest fractional parts (0.83, 0.67), as the docstring says
+    assert n.tolist() == [3, 4, 4, 2] and int(n.sum()) == 13
+    # a share above its cap is capped and the rest shared again (water-filling)
+    assert apportion(torch.tensor([10.0, 1.0, 1.0]), 9, hi=4).tolist() == [4, 3, 2]
     assert apportion(torch.ones(16), 128).tolist() == [8] * 16
 
 

@@ -6,10 +6,12 @@ candidates form the step's batch unless the rule says otherwise.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.rl.allocators import AllocatorBase, RolloutStats, apportion
+from gradnoise.rl.checks import check_int
 from gradnoise.rl.tracker import check_prompt_ids
 
 __all__ = ["GVM", "DynamicSampling", "ReinforceAda"]
@@ -33,10 +35,16 @@ class DynamicSampling(AllocatorBase):
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
-        self.group_size = group_size
+        self.group_size = check_int(
+            group_size,
+            where="DynamicSampling",
+            name="group_size",
+            minimum=2,
+            fix="sample at least 2 responses per prompt (a group variance needs two)",
+        )
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
-        self._check_call(stats, budget, self.prompts_per_step * self.group_size)
+        budget = self._check_call(stats, budget, self.prompts_per_step * self.group_size)
         counts = torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         need = self.prompts_per_step - int(stats.informative().sum())
         fresh = torch.nonzero(stats.counts == 0).reshape(-1)
@@ -69,7 +77,16 @@ class GVM(AllocatorBase):
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
-        self.min_samples, self.max_samples = min_samples, max_samples
+        fix = "pass integer sample counts with 0 <= min_samples <= max_samples (or None)"
+        self.min_samples = check_int(
+            min_samples, where="GVM", name="min_samples", minimum=0, fix=fix
+        )
+        if max_samples is not None:
+            lowest = max(1, self.min_samples)
+            max_samples = check_int(
+                max_samples, where="GVM", name="max_samples", minimum=lowest, fix=fix
+            )
+        self.max_samples = max_samples
         self.grad_norms = torch.ones(num_prompts, dtype=torch.float64)
 
     def observe_grad_norms(self, prompt_ids: torch.Tensor, norms: torch.Tensor) -> None:
@@ -92,7 +109,7 @@ class GVM(AllocatorBase):
         return self.grad_norms[prompt_ids] * ((1 - p) / p).sqrt()
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
-        self._check_call(stats, budget, self.prompts_per_step * self.min_samples)
+        budget = self._check_call(stats, budget, self.prompts_per_step * self.min_samples)
         counts = torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         if stats.total == 0:
             batch = stats.prompt_ids[: self.prompts_per_step]
@@ -136,8 +153,23 @@ class ReinforceAda(AllocatorBase):
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
-        self.round_size, self.balanced, self.target = round_size, balanced, target
-        self.max_samples = max_samples
+        where = "ReinforceAda"
+        fix = "pass integer round_size >= 2, target >= 2 and max_samples >= 2"
+        self.round_size = check_int(round_size, where=where, name="round_size", minimum=2, fix=fix)
+        self.target = check_int(target, where=where, name="target", minimum=2, fix=fix)
+        self.max_samples = check_int(
+            max_samples, where=where, name="max_samples", minimum=2, fix=fix
+        )
+        if not isinstance(balanced, (bool, np.bool_)):
+            raise GradNoiseError(
+                explain(
+                    "ReinforceAda(balanced)",
+                    expected="True or False",
+                    got=repr(balanced),
+                    fix="pass balanced=True for the balanced elimination rule",
+                )
+            )
+        self.balanced = bool(balanced)
 
     def active(self, stats: RolloutStats) -> torch.Tensor:
         """Batch candidates that still lack signal and have room for more samples."""
@@ -153,7 +185,7 @@ class ReinforceAda(AllocatorBase):
         return alive
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
-        self._check_call(stats, budget, self.prompts_per_step * self.min_group)
+        budget = self._check_call(stats, budget, self.prompts_per_step * self.min_group)
         counts = torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         alive = torch.nonzero(self.active(stats)).reshape(-1)
         alive = alive[torch.argsort(stats.counts[alive], stable=True)]

@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gradnoise.errors import GradNoiseError, explain
 from gradnoise.rl.allocators import AllocatorBase, RolloutStats, apportion
+from gradnoise.rl.checks import check_int, check_real
+from gradnoise.rl.tracker import check_prompt_ids
 
 __all__ = ["VADE", "VarianceAwareSampling"]
 
@@ -49,7 +52,31 @@ class VADE(AllocatorBase):
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
-        self.prior, self.rho_long, self.rho_short = prior, rho_long, rho_short
+        where = "VADE"
+        try:
+            a0, b0 = prior
+        except (TypeError, ValueError):
+            a0 = b0 = None
+        fix = "pass Beta prior pseudo-counts > 0, e.g. prior=(1.0, 1.0)"
+        a0 = check_real(a0, where=where, name="prior[0]", lo=0.0, lo_open=True, fix=fix)
+        b0 = check_real(b0, where=where, name="prior[1]", lo=0.0, lo_open=True, fix=fix)
+        fix = "pass decay rates in (0, 1], e.g. rho_long=0.99 and rho_short=0.5"
+        rho_long = check_real(
+            rho_long, where=where, name="rho_long", lo=0.0, hi=1.0, lo_open=True, fix=fix
+        )
+        rho_short = check_real(
+            rho_short, where=where, name="rho_short", lo=0.0, hi=1.0, lo_open=True, fix=fix
+        )
+        if score not in ("group", "bernoulli"):
+            raise GradNoiseError(
+                explain(
+                    "VADE(score)",
+                    expected='"group" or "bernoulli"',
+                    got=repr(score),
+                    fix='use score="group" (the default) or score="bernoulli"',
+                )
+            )
+        self.prior, self.rho_long, self.rho_short = (a0, b0), rho_long, rho_short
         self.score = score
         self.evidence = torch.zeros(2, num_prompts, dtype=torch.float64)
 
@@ -58,7 +85,7 @@ class VADE(AllocatorBase):
         return a + self.prior[0], b + self.prior[1]
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
-        self._check_call(stats, budget, self.prompts_per_step * self.min_group)
+        budget = self._check_call(stats, budget, self.prompts_per_step * self.min_group)
         if stats.total > 0:
             return torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         a, b = self.posterior(stats.prompt_ids)
@@ -105,16 +132,50 @@ class VarianceAwareSampling(AllocatorBase):
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(num_prompts, prompts_per_step, seed=seed, reward_range=reward_range)
+        where = "VarianceAwareSampling"
+        mix = check_real(
+            mix, where=where, name="mix", lo=0.0, hi=1.0, fix="pass a fraction in [0, 1]"
+        )
+        fix = "pass finite non-negative score weights, e.g. 1.0 and 0.0"
+        weights = tuple(
+            check_real(w, where=where, name=name, lo=0.0, fix=fix)
+            for w, name in (
+                (weight_outcome, "weight_outcome"),
+                (weight_diversity, "weight_diversity"),
+            )
+        )
+        refresh_every = check_int(
+            refresh_every,
+            where=where,
+            name="refresh_every",
+            minimum=1,
+            fix="refresh the scores every step (1) or every few steps",
+        )
         self.mix, self.refresh_every = mix, refresh_every
-        self.weights = (weight_outcome, weight_diversity)
+        self.weights = weights
         self.diversity = torch.zeros(num_prompts, dtype=torch.float64)
         self.scores = torch.ones(num_prompts, dtype=torch.float64)
 
     def observe_diversity(self, prompt_ids: torch.Tensor, tds: torch.Tensor) -> None:
-        """Record per-prompt trajectory diversity scores in [0, 1]."""
-        self.diversity[torch.as_tensor(prompt_ids).long()] = (
-            torch.as_tensor(tds).double().clamp(0, 1)
-        )
+        """Record per-prompt trajectory diversity scores in [0, 1] (checked before any write)."""
+        where = "VarianceAwareSampling.observe_diversity"
+        ids = check_prompt_ids(prompt_ids, self.num_prompts, where=where)
+        tds = torch.as_tensor(tds, dtype=torch.float64).reshape(-1)
+        if (
+            tds.shape != ids.shape
+            or not torch.isfinite(tds).all()
+            or (tds < 0).any()
+            or (tds > 1).any()
+        ):
+            raise GradNoiseError(
+                explain(
+                    where,
+                    expected="one diversity score in [0, 1] per prompt id",
+                    got=f"{tds.numel()} scores for {ids.numel()} ids: {tds.tolist()[:4]}",
+                    fix="pass a normalised diversity per prompt, e.g. 1 - self-BLEU",
+                )
+            )
+        self.diversity[ids] = tds
 
     def _refresh(self) -> None:
         seen = self.history.n > 0
@@ -123,7 +184,7 @@ class VarianceAwareSampling(AllocatorBase):
         self.scores = torch.where(seen, vps, torch.ones_like(vps))
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
-        self._check_call(stats, budget, self.prompts_per_step * self.min_group)
+        budget = self._check_call(stats, budget, self.prompts_per_step * self.min_group)
         if stats.total > 0:
             return torch.zeros(len(stats.prompt_ids), dtype=torch.long)
         k_weighted = round(self.mix * self.prompts_per_step)

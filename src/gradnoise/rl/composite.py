@@ -13,6 +13,7 @@ import torch
 
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.rl.allocators import RolloutStats, apportion
+from gradnoise.rl.checks import as_int, check_budget
 from gradnoise.rl.tracker import check_observation
 
 __all__ = ["SelectThenSample"]
@@ -47,17 +48,18 @@ class SelectThenSample:
             for k in ("num_prompts", "prompts_per_step", "reward_range")
             if getattr(selector, k, None) != getattr(sampler, k, None)
         ]
-        if bad or (top_up_cap is not None and top_up_cap < 1):
+        cap = None if top_up_cap is None else as_int(top_up_cap)
+        if bad or (top_up_cap is not None and (cap is None or cap < 1)):
             raise GradNoiseError(
                 explain(
                     "SelectThenSample",
                     expected="selector and sampler with equal num_prompts, prompts_per_step and "
                     "reward_range, and top_up_cap >= 1 or None",
-                    got="; ".join(bad) or f"top_up_cap={top_up_cap}",
+                    got="; ".join(bad) or f"top_up_cap={top_up_cap!r}",
                     fix="build both parts for the same pool, batch size and reward range",
                 )
             )
-        self.selector, self.sampler, self.top_up_cap = selector, sampler, top_up_cap
+        self.selector, self.sampler, self.top_up_cap = selector, sampler, cap
         self.num_prompts, self.prompts_per_step = selector.num_prompts, selector.prompts_per_step
         self.reward_range = selector.reward_range
         self.chosen = torch.zeros(0, dtype=torch.long)  # candidate positions chosen this step
@@ -68,6 +70,19 @@ class SelectThenSample:
         return self.selector.history
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
+        """One round: on a fresh step the selector names the chosen set, then the sampler (or
+        the top-up) allocates within it. The budget is checked (an int >= 0) before either part
+        is asked, so a bad one changes nothing."""
+        budget = check_budget(budget, where="SelectThenSample.allocate")
+        if not isinstance(stats, RolloutStats):
+            raise GradNoiseError(
+                explain(
+                    "SelectThenSample.allocate",
+                    expected="a RolloutStats (the step's statistics so far)",
+                    got=type(stats).__name__,
+                    fix="start the step with RolloutStats.fresh(candidates)",
+                )
+            )
         if stats.total == 0:
             picked = self.selector.allocate(stats, budget)
             self.chosen = torch.nonzero(picked > 0).reshape(-1)
@@ -111,14 +126,17 @@ class SelectThenSample:
         where = "SelectThenSample.load_state_dict"
         keys = {"selector", "sampler", "chosen"}
         ok = isinstance(state, dict) and set(state) == keys and torch.is_tensor(state["chosen"])
+        if ok:
+            chosen = state["chosen"]
+            ok = chosen.dtype == torch.long and chosen.dim() == 1
+            ok = ok and not (chosen.numel() and bool((chosen < 0).any()))
         if not ok:
             raise GradNoiseError(
                 explain(
                     where,
-                    expected=f"a SelectThenSample state_dict with keys {sorted(keys)}",
-                    got=f"keys {sorted(map(str, state))}"
-                    if isinstance(state, dict)
-                    else type(state).__name__,
+                    expected=f"a SelectThenSample state_dict with keys {sorted(keys)} and "
+                    "state['chosen'] a 1-D int64 tensor of candidate positions >= 0",
+                    got=_describe_state(state, keys),
                     fix="load a state saved by SelectThenSample with the same parts",
                 )
             )
@@ -139,3 +157,14 @@ def _restrict(stats: RolloutStats, keep: torch.Tensor) -> RolloutStats:
         stats.positives[keep],
         stats.reward_range,
     )
+
+
+def _describe_state(state, keys: set) -> str:
+    if not isinstance(state, dict):
+        return type(state).__name__
+    if set(state) != keys:
+        return f"keys {sorted(map(str, state))}"
+    chosen = state["chosen"]
+    if not torch.is_tensor(chosen):
+        return f"state['chosen'] of type {type(chosen).__name__}"
+    return f"state['chosen'] of shape {tuple(chosen.shape)} {chosen.dtype}"

@@ -13,9 +13,13 @@ policy's KL drift; we keep a fixed ``rho`` (a stated simplification).
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.rl.checks import check_int, check_real, check_reward_range
 from gradnoise.rl.groups import check_rewards
 
 __all__ = ["PromptHistory", "ValueTracker", "check_prompt_ids"]
@@ -23,14 +27,18 @@ __all__ = ["PromptHistory", "ValueTracker", "check_prompt_ids"]
 
 def check_prompt_ids(prompt_ids: torch.Tensor, num_prompts: int, *, where: str) -> torch.Tensor:
     """Return ``prompt_ids`` as a flat long tensor, refusing ids outside ``[0, num_prompts)``."""
-    ids = torch.as_tensor(prompt_ids).reshape(-1)
-    if ids.dtype.is_floating_point or (ids.numel() and (ids.min() < 0 or ids.max() >= num_prompts)):
+    try:
+        ids = torch.as_tensor(prompt_ids).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        ids = torch.full((1,), math.nan)  # refused below as non-integer
+    not_int = ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool
+    if not_int or (ids.numel() and (ids.min() < 0 or ids.max() >= num_prompts)):
         raise GradNoiseError(
             explain(
                 where,
                 expected=f"integer prompt ids in [0, {num_prompts})",
                 got=f"dtype {ids.dtype}, range [{ids.min().item()}, {ids.max().item()}]"
-                if ids.numel()
+                if ids.numel() and not ids.is_complex()
                 else f"dtype {ids.dtype}",
                 fix="number prompts 0..num_prompts-1, or build it with a larger num_prompts",
             )
@@ -110,7 +118,8 @@ class ValueTracker:
         prior: tuple[float, float] = (0.5, 0.5),
         reward_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        if not 0.0 < rho <= 1.0:
+        real = isinstance(rho, Real) and not isinstance(rho, bool)
+        if not (real and 0.0 < rho <= 1.0):
             raise GradNoiseError(
                 explain(
                     "ValueTracker(rho)",
@@ -119,9 +128,24 @@ class ValueTracker:
                     fix="use rho close to 1 for slow policies, e.g. 0.9",
                 )
             )
-        self.num_prompts, self.rho, self.reward_range = num_prompts, rho, reward_range
-        self.alpha = torch.full((num_prompts,), float(prior[0]), dtype=torch.float64)
-        self.beta = torch.full((num_prompts,), float(prior[1]), dtype=torch.float64)
+        num_prompts = check_int(
+            num_prompts,
+            where="ValueTracker",
+            name="num_prompts",
+            minimum=1,
+            fix="pass the size of the prompt pool",
+        )
+        try:
+            a0, b0 = prior
+        except (TypeError, ValueError):
+            a0 = b0 = None
+        fix = "pass Beta prior pseudo-counts > 0, e.g. prior=(0.5, 0.5)"
+        a0 = check_real(a0, where="ValueTracker", name="prior[0]", lo=0.0, lo_open=True, fix=fix)
+        b0 = check_real(b0, where="ValueTracker", name="prior[1]", lo=0.0, lo_open=True, fix=fix)
+        reward_range = check_reward_range(reward_range, where="ValueTracker")
+        self.num_prompts, self.rho, self.reward_range = num_prompts, float(rho), reward_range
+        self.alpha = torch.full((num_prompts,), a0, dtype=torch.float64)
+        self.beta = torch.full((num_prompts,), b0, dtype=torch.float64)
 
     def values(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Tracked values ``v = alpha / (alpha + beta)``, on the caller's reward scale."""
