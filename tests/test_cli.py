@@ -269,7 +269,7 @@ def test_help_states_the_defaults(capsys):
 def test_calibrate_command_writes_its_file_and_explains_bad_lists(tmp_path, capsys):
     out = tmp_path / "cal"
     argv = ["calibrate", "--workload", "images", "--batches", "4,8,16", "--lr-factors", "1"]
-    assert main([*argv, "--budget", "1280", "--out", str(out)]) == 0
+    assert main([*argv, "--budget", "2560", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "calibrating images: 3 fixed-batch runs" in printed
     assert "Calibration over 1 seed(s)" in printed and (out / "calibration.json").is_file()

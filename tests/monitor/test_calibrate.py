@@ -53,9 +53,7 @@ def test_tiny_calibration_writes_its_file_and_the_report_shows_it(tmp_path):
     from gradnoise.monitor.profile import run_profile
     from gradnoise.workloads import get_workload
 
-    run_profile(
-        get_workload("images", batch_size=8), steps=8, every=4, out=tmp_path, console=False
-    )
+    run_profile(get_workload("images", batch_size=8), steps=8, every=4, out=tmp_path, console=False)
     settings = CalibrationSettings(
         workload="images",
         batches=(4, 8, 16),

@@ -96,7 +96,8 @@ def trade_offs(
 
 
 def _power_of_two(value: float) -> int:
-    return 2 ** max(1, round(math.log2(max(value, 2.0))))
+    """The nearest power of two, kept within [2, 2**40] (no batch is larger)."""
+    return 2 ** min(40, max(1, round(math.log2(min(max(value, 2.0), 2.0**40)))))
 
 
 def candidate_batches(current: int, b_simple: float) -> list[int]:
@@ -202,6 +203,16 @@ def batch_advice(
     return text + lr_rule(optimizer) + _growth(first, b)
 
 
+def _number(value) -> float | None:
+    """A JSON number as a float (ints beyond float range become inf), None stays None."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _reading(record: dict) -> tuple[float | None, float | None, float | None]:
     """``(b_simple, low, high)`` of a record as floats, or three Nones when B_simple is not
     positive (undefined; only a hand-made record holds a negative one).
@@ -209,8 +220,8 @@ def _reading(record: dict) -> tuple[float | None, float | None, float | None]:
     The file writes both NaN (no interval yet, one step) and inf (unbounded above) as null: two
     nulls mean no band (``low = high = b_simple``), a null ``ci_high`` alone an unbounded one.
     """
-    b, low, high = record.get("b_simple"), record.get("ci_low"), record.get("ci_high")
-    if b is None or not b > 0:
+    b, low, high = (_number(record.get(k)) for k in ("b_simple", "ci_low", "ci_high"))
+    if b is None or not 0 < b < math.inf:
         return None, None, None
     if low is None and high is None:
         return b, b, b

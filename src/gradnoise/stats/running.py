@@ -293,9 +293,7 @@ def _is_count(value) -> bool:
 
 
 def _float64(value, shape: tuple) -> bool:
-    return (
-        isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.shape == shape
-    )
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.shape == shape
 
 
 def _state_problem(names, average, window, beta) -> str | None:
@@ -353,8 +351,10 @@ def _ema_problem(average, steps: int, beta: float, width: int) -> str | None:
     if steps == 0:  # only skipped steps so far: the averages are still zeros
         return None
     expected = ema_sq_weight(beta, steps)
-    if not isinstance(sq, (int, float)) or isinstance(sq, bool) or not math.isclose(
-        sq, expected, rel_tol=1e-6
+    if (
+        not isinstance(sq, (int, float))
+        or isinstance(sq, bool)
+        or not math.isclose(sq, expected, rel_tol=1e-6)
     ):
         return f"sq_weight={sq!r}, expected {expected!r} after {steps} steps"
     return None
