@@ -68,7 +68,7 @@ class CalibrationSettings:
 
     workload: str = "markov"
     batches: tuple[int, ...] = (8, 16, 32, 64, 128)
-    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
+    lr_factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     reference_batch: int | None = None  # None: the middle of ``batches``
     reference_lr: float | None = None  # None: the workload's own
     budget_examples: int = 12_800
@@ -462,8 +462,23 @@ def agreement_text(result: dict) -> str:
             f"at loss {fmt(row['target'], 4)} the measured critical batch is {fmt(crit['median'])} "
             f"and B_simple {fmt(simple['median'])}: a ratio of {fmt(ratio['median'], 2)}{spread}"
         )
+    edge = sorted({b for s in result["seeds"] for f in s["fits"] for b in _top_edge(f, s)})
+    caveat = (
+        f" For batch sizes {', '.join(map(str, edge))} the best learning rate was the largest "
+        "of the grid, so their steps may be overestimated: widen --lr-factors to check."
+        if edge
+        else ""
+    )
     return (
         f"Calibration over {seeds} seed(s): " + "; ".join(parts) + ". A ratio near 1 means the "
         "noise scale predicts the batch size past which steps stop falling; McCandlish et al. "
-        "found B_simple within a factor of a few of B_crit, usually below it."
+        "found B_simple within a factor of a few of B_crit." + caveat
     )
+
+
+def _top_edge(fit: dict, seed: dict) -> list[int]:
+    """Batch sizes whose best rate for this target was the top of the grid."""
+    top: dict[int, float] = {}
+    for run in seed["runs"]:
+        top[run["batch"]] = max(top.get(run["batch"], 0.0), run["lr"])
+    return [int(b) for b, lr in fit["best_lr"].items() if math.isclose(lr, top[int(b)])]
