@@ -81,6 +81,44 @@ def test_report_plots_load_without_console_errors(tmp_path, report):
     assert (images, broken, console) == (4, 0, [])
 
 
+@pytest.fixture(scope="module")
+def calibrated_report(tmp_path_factory):
+    """A profile of a problem with a defined noise scale, then a tiny calibration beside it."""
+    from gradnoise.monitor.calibrate import CalibrationSettings, calibrate
+    from gradnoise.monitor.report import write_report
+    from gradnoise.testing import LinearGaussian
+
+    out = tmp_path_factory.mktemp("calibrated")
+    problem = LinearGaussian(dim=4)
+    model = problem.model()
+    generator = torch.Generator().manual_seed(0)
+    with Monitor(model, out=out, every=2, tensorboard=False) as monitor:
+        for _ in range(30):
+            x, y = problem.sample(8, generator=generator)
+            with monitor.step() as step:
+                step.loss = problem.loss(model, x, y)
+                step.loss.backward()
+            model.zero_grad()
+    settings = CalibrationSettings(
+        workload="images", batches=(4, 8, 16), lr_factors=(1.0,), budget_examples=2560
+    )
+    calibrate(settings, out=out)
+    return write_report(out)
+
+
+def test_report_shows_the_trade_off_table_and_the_calibration(tmp_path, calibrated_report):
+    images, broken, console = inspect(tmp_path, calibrated_report)
+    assert (images, broken, console) == (5, 0, [])  # the four plots and the calibration figure
+    dom = _chromium(tmp_path, calibrated_report.as_uri(), "--dump-dom").stdout
+    assert 'class="tradeoff"' in dom and "steps vs now" in dom
+    assert "Calibrated critical batch" in dom and 'id="plot-calibration"' in dom
+    shot = tmp_path / "calibrated.png"
+    _chromium(
+        tmp_path, calibrated_report.as_uri(), f"--screenshot={shot}", "--window-size=1000,3000"
+    )
+    assert matplotlib.image.imread(shot)[..., :3].std() > 0.05
+
+
 def test_report_screenshot_shows_a_rendered_page(tmp_path, report):
     shot = tmp_path / "report.png"
     _chromium(tmp_path, report.as_uri(), f"--screenshot={shot}", "--window-size=1000,2400")

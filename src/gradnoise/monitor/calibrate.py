@@ -169,7 +169,7 @@ def train_curve(
             with GradStats(workload.model) as stats:
                 workload.loss(workload.model, data).backward()
             _, traces, sqs = step_estimates(stats)
-            curve.noise.append((step, float(traces.sum()), float(sqs.sum())))
+            curve.noise.append((step, float(traces.detach().sum()), float(sqs.detach().sum())))
         else:
             workload.loss(workload.model, data).backward()
         optimizer.step()
