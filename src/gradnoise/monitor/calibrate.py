@@ -462,6 +462,13 @@ def agreement_text(result: dict) -> str:
             f"at loss {fmt(row['target'], 4)} the measured critical batch is {fmt(crit['median'])} "
             f"and B_simple {fmt(simple['median'])}: a ratio of {fmt(ratio['median'], 2)}{spread}"
         )
+    largest = max(result["settings"]["batches"])
+    beyond = [r for r in result["summary"] if r["b_crit"]["median"] > largest]
+    if beyond:
+        parts.append(
+            f"at {len(beyond)} target(s) the fitted critical batch lies beyond the largest batch "
+            f"tried ({largest}), an extrapolation: add larger --batches to pin it down"
+        )
     edge = sorted({b for s in result["seeds"] for f in s["fits"] for b in _top_edge(f, s)})
     caveat = (
         f" For batch sizes {', '.join(map(str, edge))} the best learning rate was the largest "
