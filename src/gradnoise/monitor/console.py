@@ -56,10 +56,7 @@ def _table(record: dict, steps: list[dict]) -> Table:
     band = f"[{fmt(record.get('ci_low'))}, {fmt(record.get('ci_high'))}]"
     table.add_row("loss", fmt(record.get("loss"), 4))
     table.add_row("noise scale B_simple", f"{fmt(record.get('b_simple'))}  90% band {band}")
-    table.add_row(
-        "critical batch size ~",
-        f"{fmt(record.get('b_simple'))}  (batch size now {record.get('batch_size')})",
-    )
+    table.add_row("batch size now", str(record.get("batch_size")))
     layers = ", ".join(f"{name} ({fmt(v, 2)})" for name, v in noisiest(steps))
     table.add_row("lowest GSNR layers", layers or "n/a")
     if record.get("skipped_steps"):
