@@ -88,11 +88,37 @@ def projected_gradient(
             )
         )
     perturb_(params, seed, eps, masks)
-    plus = float(loss())
+    plus = _evaluate(loss, params, seed, eps, masks)
     perturb_(params, seed, -2 * eps, masks)
-    minus = float(loss())
+    minus = _evaluate(loss, params, seed, -eps, masks)
     perturb_(params, seed, eps, masks)
     return (plus - minus) / (2 * eps), plus, minus
+
+
+def _evaluate(loss, params, seed: int, offset: float, masks) -> float:
+    """``loss()`` at parameters perturbed by ``offset``; on an error they are put back first."""
+    try:
+        return _scalar(loss())
+    except BaseException:
+        perturb_(params, seed, -offset, masks)
+        raise
+
+
+def _scalar(value) -> float:
+    """The loss as a float, refusing anything but one number (a batch of losses, say)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise GradNoiseError(
+        explain(
+            "MeZO loss()",
+            expected="one number: the mean loss of the batch",
+            got=f"{shape}",
+            fix="reduce the loss first, e.g. loss_fn(...).mean()",
+        )
+    )
 
 
 @torch.no_grad()

@@ -79,6 +79,7 @@ def test_numbers_are_written_out_in_plain_figures():
     assert fmt(None) == "n/a" and fmt(float("nan")) == "n/a" and fmt(float("inf")) == "unbounded"
     assert fmt(1234.5) == "1,230" and fmt(2e7) == "20,000,000" and fmt(837.4) == "837"
     assert fmt(0.000123) == "0.000123" and fmt(0.0311, 2) == "0.031" and fmt(5.0) == "5"
+    assert fmt(1.79e308) == "more than 10^15" and fmt(10**400) == "unbounded"
 
 
 def test_console_ranking_is_the_reports():

@@ -105,3 +105,23 @@ def test_step_without_closure_changes_nothing():
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert opt.state["mezo"]["step"] == 0
+
+
+@pytest.mark.parametrize("bad_call", [0, 1])
+def test_a_loss_that_is_not_one_number_is_refused_and_parameters_restored(bad_call):
+    """Refused at the first or the second forward; either way the parameters are as before."""
+    from gradnoise.perturbation import projected_gradient
+
+    model, loss = regression()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def per_example_loss():
+        calls.append(1)
+        value = loss()
+        return value.expand(4) if len(calls) > bad_call else value
+
+    with pytest.raises(GradNoiseError, match=r"MeZO loss\(\): expected one number.*got \(4,\)"):
+        projected_gradient(per_example_loss, list(model.parameters()), seed=3, eps=1e-3)
+    for p, q in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)

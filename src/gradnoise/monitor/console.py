@@ -36,6 +36,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return "n/a"
     if math.isinf(value):
         return "unbounded" if value > 0 else "-unbounded"
+    if abs(value) >= 1e15:  # no batch or ratio is this large: say so rather than print 16 digits
+        return "more than 10^15" if value > 0 else "less than -10^15"
     rounded = float(f"{value:.{digits}g}")  # significant figures, then written out in full
     if rounded == int(rounded) and abs(rounded) >= 1:
         return f"{int(rounded):,}"
