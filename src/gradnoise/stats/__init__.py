@@ -11,6 +11,12 @@ from gradnoise.stats.agreement import (
 )
 from gradnoise.stats.distributed import NoiseScaleHook, all_reduce_moments
 from gradnoise.stats.engine import GradStats, token_mean_weights
+from gradnoise.stats.instruments import (
+    AffineVarianceFit,
+    TailIndex,
+    affine_variance_fit,
+    hill_tail_index,
+)
 from gradnoise.stats.moments import GradMoments, merge_all, total_moments
 from gradnoise.stats.preconditioned import (
     adam_preconditioner,
@@ -35,6 +41,7 @@ from gradnoise.stats.scores import ExampleScores, class_logit_input_grads
 from gradnoise.stats.twobatch import MicroBatchNorms, TwoBatchNorms
 
 __all__ = [
+    "AffineVarianceFit",
     "Agreement",
     "ExampleScores",
     "GradMoments",
@@ -46,9 +53,11 @@ __all__ = [
     "NoiseScaleReading",
     "NormTestResult",
     "SamplingTest",
+    "TailIndex",
     "TwoBatchNorms",
     "adam_preconditioner",
     "adam_preconditioner_fn",
+    "affine_variance_fit",
     "agreement",
     "agreement_from_norms",
     "all_reduce_moments",
@@ -57,6 +66,7 @@ __all__ = [
     "elementwise_variance",
     "gradient_noise_scale",
     "gsnr",
+    "hill_tail_index",
     "inner_product_test",
     "layer_gsnr",
     "merge_all",
