@@ -151,3 +151,26 @@ def test_report_and_console_show_the_same_trade_off_table(tmp_path):
     assert "<table class='tradeoff'>" in html
     for row in cells:
         assert "".join(f"<td>{c}</td>" for c in row) in html
+
+
+def test_report_states_the_tail_index_and_the_affine_fit_of_the_run():
+    import torch
+
+    from gradnoise.monitor.recommend import instrument_text
+
+    generator = torch.Generator().manual_seed(0)
+    pareto = (1 - torch.rand(30, 64, generator=generator, dtype=torch.float64)) ** (-1 / 1.5)
+    grad_sq = torch.linspace(0.5, 5.0, 30, dtype=torch.float64)
+    trace = 4.0 + 5.0 * grad_sq + 0.1 * torch.randn(30, generator=generator, dtype=torch.float64)
+    steps = [
+        {"example_norms": pareto[i].tolist(), "trace_sigma": float(t), "grad_sq_norm": float(q)}
+        for i, (t, q) in enumerate(zip(trace, grad_sq, strict=True))
+    ]
+    text = instrument_text(steps)
+    # seeded: Pareto alpha 1.5 (heavy), affine with sigma0^2 = 4, sigma1^2 = 5 and noise 0.1
+    assert "(Hill, largest 64 of 640): 1.4 (90% 1.1 to 1.7), heavy" in text
+    assert "over 30 measured steps: sigma0^2 = 3.97, sigma1^2 = 5 (R^2 1), consistent" in text
+    assert instrument_text([{}]) == (
+        "Too few per-example norms for a tail index. "
+        "Too few measured steps to test the affine noise model."
+    )

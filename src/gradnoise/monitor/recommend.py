@@ -25,14 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.console import fmt, plain
 from gradnoise.monitor.summary import GsnrSummary, gsnr_ranking
+from gradnoise.stats.instruments import affine_variance_fit, hill_tail_index
 
 __all__ = [
     "TRADE_OFF_HEADER",
     "TradeOff",
     "batch_advice",
     "candidate_batches",
+    "instrument_text",
     "layer_advice",
     "lr_rule",
     "overhead_text",
@@ -278,6 +281,55 @@ OVERHEAD_FIELDS = (
     "monitor_seconds",
     "train_seconds",
 )
+
+
+def instrument_text(steps: list[dict]) -> str:
+    """The tail index of the late per-example norms and the affine-variance fit over the run,
+    in plain words (see :mod:`gradnoise.stats.instruments` for both estimators)."""
+    parts = [_tail_text(steps), _affine_text(steps)]
+    return " ".join(p for p in parts if p)
+
+
+def _tail_text(steps: list[dict]) -> str:
+    late = steps[-max(1, len(steps) // 3) :]
+    norms = [v for r in late for v in r.get("example_norms", []) if _positive(v)]
+    try:
+        tail = hill_tail_index(norms, tail_fraction=0.1)
+    except GradNoiseError:
+        return "Too few per-example norms for a tail index."
+    verdict = (
+        "heavy: the per-example variance may not exist, so averages of norms are unreliable"
+        if tail.heavy
+        else "a tail with finite variance"
+        if tail.low > 2
+        else "not clearly above or below 2"
+    )
+    return (
+        f"Tail index of the late per-example gradient norms (Hill, largest {tail.k} of "
+        f"{tail.n}): {fmt(tail.alpha, 2)} (90% {fmt(tail.low, 2)} to {fmt(tail.high, 2)}), "
+        f"{verdict}."
+    )
+
+
+def _positive(value) -> bool:
+    number = _number(value)
+    return number is not None and 0 < number < math.inf
+
+
+def _affine_text(steps: list[dict]) -> str:
+    pairs = [(_number(r.get("trace_sigma")), _number(r.get("grad_sq_norm"))) for r in steps]
+    pairs = [(t, q) for t, q in pairs if t is not None and q is not None]
+    pairs = [(t, q) for t, q in pairs if math.isfinite(t) and math.isfinite(q)]
+    try:
+        fit = affine_variance_fit([t for t, _ in pairs], [q for _, q in pairs])
+    except GradNoiseError:
+        return "Too few measured steps to test the affine noise model."
+    verdict = "consistent with it" if fit.holds else f"not affine ({fit.reason})"
+    return (
+        f"Affine noise model tr(Sigma) = sigma0^2 + sigma1^2 |G|^2 over {fit.steps} measured "
+        f"steps: sigma0^2 = {fmt(fit.sigma0_sq)}, sigma1^2 = {fmt(fit.sigma1_sq)} "
+        f"(R^2 {fmt(fit.r_squared, 2)}), {verdict}."
+    )
 
 
 def overhead_text(run: dict | None) -> str:

@@ -12,6 +12,7 @@ from gradnoise.monitor.plots import write_plots
 from gradnoise.monitor.recommend import (
     TRADE_OFF_HEADER,
     batch_advice,
+    instrument_text,
     layer_advice,
     overhead_text,
     trade_off_table,
@@ -123,6 +124,7 @@ def render_html(metrics: Metrics, plots: dict[str, Path], calibration: dict | No
             optimizer=(metrics.run or {}).get("optimizer"),
         ),
         layer_advice(metrics.steps),
+        instrument_text(metrics.steps),
         overhead_text(metrics.run),
     ]
     if metrics.skipped:
