@@ -2,6 +2,7 @@
 
 * :mod:`~gradnoise.rl.advantages` - GRPO, Dr. GRPO, RLOO, OPO, BNPO, global-statistics and
   tracker baselines as pure functions over a dense or ragged (prompts x samples) layout;
+* :mod:`~gradnoise.rl.gae` - GAE(lambda) advantages and returns over (time x batch) rollouts;
 * :mod:`~gradnoise.rl.aggregation` - token-mean, sequence-mean, constant (Dr. GRPO) and Delta-L
   loss aggregation, and their measured gradient variance;
 * :mod:`~gradnoise.rl.allocators`, :mod:`~gradnoise.rl.adaptive`, :mod:`~gradnoise.rl.bandits` -
@@ -32,10 +33,12 @@ from gradnoise.rl.aggregation import (
 from gradnoise.rl.allocators import Allocator, RolloutStats, Uniform, apportion
 from gradnoise.rl.bandits import VADE, VarianceAwareSampling
 from gradnoise.rl.composite import SelectThenSample
+from gradnoise.rl.gae import GAE, gae_advantages
 from gradnoise.rl.loop import Rollouts, collect_rollouts, zero_variance_mask
 from gradnoise.rl.tracker import PromptHistory, ValueTracker
 
 __all__ = [
+    "GAE",
     "GVM",
     "VADE",
     "AggregationVariance",
@@ -57,6 +60,7 @@ __all__ = [
     "collect_rollouts",
     "dr_grpo_advantages",
     "fit_beta",
+    "gae_advantages",
     "global_baseline_advantages",
     "grpo_advantages",
     "opo_advantages",
