@@ -88,12 +88,23 @@ def plot_norms(steps: list[dict], path: Path) -> Path:
         norms = [_finite(v) for r in part for v in r.get("example_norms", []) if v is not None]
         norms = [v for v in norms if v is not None]
         if norms:
-            ax.hist(norms, bins=40, alpha=0.55, label=f"{label} ({len(norms)} examples)")
+            _histogram(ax, norms, label=f"{label} ({len(norms)} examples)")
     ax.set(
         xlabel="per-example gradient norm", ylabel="examples", title="Per-example gradient norms"
     )
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _histogram(ax, values: list[float], *, label: str) -> None:
+    """40 bins, or as many as numpy can make: a range too narrow (or too wide, near the float
+    limit) for finite-width bins gets one bin, and a series even that fails on is left out."""
+    for bins in (40, 1):
+        try:
+            ax.hist(values, bins=bins, alpha=0.55, label=label)
+            return
+        except ValueError:
+            continue
 
 
 def plot_loss(steps: list[dict], path: Path, floor: float | None = None) -> Path:

@@ -334,14 +334,16 @@ def _affine_text(steps: list[dict]) -> str:
 
 def overhead_text(run: dict | None) -> str:
     """One sentence on the measured cost of profiling."""
-    if not run or any(run.get(key) is None for key in OVERHEAD_FIELDS):
+    values = {key: _number((run or {}).get(key)) for key in OVERHEAD_FIELDS}
+    if any(v is None or not math.isfinite(v) for v in values.values()):
         return (
             "The profiling overhead was not measured (the run ended early or had no plain steps)."
         )
+    v = values
     return (
-        f"Profiling cost {100 * run['overhead_fraction']:.1f}% of the training time: "
-        f"{run['measured_steps']} measured steps (one in {run['every']}) took "
-        f"{run['measured_step_ratio']:.2f}x the median plain step "
-        f"({1000 * run['plain_step_median']:.1f} ms), plus {run['monitor_seconds']:.2f} s "
-        f"of monitor work, over {run['train_seconds']:.1f} s of training."
+        f"Profiling cost {100 * v['overhead_fraction']:.1f}% of the training time: "
+        f"{int(v['measured_steps'])} measured steps (one in {int(v['every'])}) took "
+        f"{v['measured_step_ratio']:.2f}x the median plain step "
+        f"({1000 * v['plain_step_median']:.1f} ms), plus {v['monitor_seconds']:.2f} s "
+        f"of monitor work, over {v['train_seconds']:.1f} s of training."
     )
