@@ -1,5 +1,7 @@
 """Property-based fuzz suite (hypothesis); strategies and known bugs: tests/README.md."""
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
@@ -13,12 +15,15 @@ def fuzz_settings(max_examples: int, *, shrink: bool = True) -> settings:
 
     ``shrink=False`` (for :func:`known_bug` tests) stops at the first failing example instead
     of spending a minute shrinking it: the reproducer is in tests/README.md already.
+
+    To explore beyond CI locally: ``FUZZ_SCALE=8`` multiplies every ``max_examples`` and
+    ``FUZZ_RANDOM=1`` draws new examples on each run (CI sets neither).
     """
     phases = list(Phase) if shrink else [Phase.explicit, Phase.generate]
     return settings(
-        max_examples=max_examples,
+        max_examples=max_examples * int(os.environ.get("FUZZ_SCALE", "1")),
         deadline=None,
-        derandomize=True,
+        derandomize="FUZZ_RANDOM" not in os.environ,
         database=None,
         suppress_health_check=list(HealthCheck),
         print_blob=True,

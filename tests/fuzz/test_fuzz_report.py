@@ -41,11 +41,13 @@ from tests.fuzz import fuzz_settings
 
 NAMES = ["0.weight", "0.bias", "head.weight"]
 STEP_NUMBERS = ["time", "loss", "b_simple", "ci_low", "ci_high", "b_batch", "trace_sigma"]
-STEP_NUMBERS += ["grad_sq_norm"]
+STEP_NUMBERS += ["grad_sq_norm", "heldout_loss"]
+STEP_COUNTS = ["batch_size", "skipped_steps"]
 STEP_LAYERS = ["gsnr", "layer_noise_scale", "layer_trace", "layer_grad_sq"]
 RUN_NUMBERS = ["train_seconds", "monitor_seconds", "plain_step_median", "measured_step_median"]
 RUN_NUMBERS += ["overhead_seconds", "overhead_fraction", "measured_step_ratio", "report_seconds"]
-RUN_COUNTS = ["steps", "every"]
+RUN_NUMBERS += ["loss_floor"]
+RUN_COUNTS = ["steps", "every", "skipped_steps"]
 
 number = st.floats(-1e6, 1e6, allow_nan=False)
 maybe_number = st.one_of(st.none(), number)
@@ -111,14 +113,14 @@ def _refused_field(record: dict, key: str) -> str | None:
 
 def _checked_fields(kind: str) -> set[str]:
     if kind == "step":
-        return {*STEP_NUMBERS, "batch_size", *STEP_LAYERS, "example_norms"}
+        return {*STEP_NUMBERS, *STEP_COUNTS, *STEP_LAYERS, "example_norms"}
     return {*RUN_NUMBERS, *RUN_COUNTS, "coverage"}
 
 
 def _fits(key: str, value, kind: str) -> bool:
     """Whether ``value`` is of a JSON type the report documents for ``key``."""
     is_num = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
-    if key in ("batch_size", *RUN_COUNTS):
+    if key in (*STEP_COUNTS, *RUN_COUNTS):
         return value is None or (isinstance(value, int) and not isinstance(value, bool))
     if key in STEP_LAYERS:
         return isinstance(value, dict) and all(is_num(v) for v in value.values())

@@ -158,7 +158,7 @@ def trade_off_table(batch_size: int, record: dict) -> list[tuple[str, str, str, 
     """The report's and the console's trade-off cells from a step record (empty when the noise
     scale is undefined: nothing to predict from)."""
     b, low, high = _reading(record)
-    if b is None or not batch_size:
+    if b is None or not _is_batch(batch_size):
         return []
     rows = trade_offs(batch_size, b, low, high, candidate_batches(batch_size, b))
     return trade_off_rows(rows, batch_size)
@@ -168,6 +168,11 @@ def batch_advice(
     batch_size: int, record: dict, first: dict | None = None, *, optimizer: str | None = None
 ) -> str:
     """One paragraph on the batch size, from the last step record's running reading."""
+    if not _is_batch(batch_size):
+        return (
+            f"The batch size of the last record ({batch_size!r}) is not a positive count, so no "
+            "trade-off can be predicted. " + lr_rule(optimizer)
+        )
     b, low, high = _reading(record)
     if b is None:
         return (
@@ -206,9 +211,14 @@ def batch_advice(
     return text + lr_rule(optimizer) + _growth(first, b)
 
 
+def _is_batch(value) -> bool:
+    """A batch size the trade-off can use: an int in [1, 2**40]."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**40
+
+
 def _number(value) -> float | None:
     """A JSON number as a float (ints beyond float range become inf), None stays None."""
-    if value is None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
         return float(value)
