@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.rl.checks import check_real
+from gradnoise.rl.checks import as_real_tensor, check_real
 from gradnoise.rl.groups import (
     as_groups,
     check_rewards,
@@ -61,21 +61,13 @@ def _check_eps(eps, where: str) -> float:
 
 def _as_float64(value, *, where: str, what: str) -> torch.Tensor:
     """A caller's tensor (or list) of real numbers as float64; junk is a GradNoiseError."""
-    tensor, reason = None, ""
-    try:
-        tensor = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        reason = str(err)
-    if tensor is None or tensor.is_complex():
-        raise GradNoiseError(
-            explain(
-                where,
-                expected=f"{what} as a real tensor or a list of numbers",
-                got=f"{type(value).__name__}"
-                + (f": {reason}" if tensor is None else f" of dtype {tensor.dtype}"),
-                fix=f"pass {what} as a float tensor",
-            )
-        )
+    tensor = as_real_tensor(
+        value,
+        where=where,
+        what=what,
+        listing="a list of numbers",
+        fix=f"pass {what} as a float tensor",
+    )
     return tensor.to(torch.float64)
 
 

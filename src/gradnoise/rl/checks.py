@@ -20,7 +20,14 @@ import torch
 
 from gradnoise.errors import GradNoiseError, explain
 
-__all__ = ["as_int", "check_budget", "check_int", "check_real", "check_reward_range"]
+__all__ = [
+    "as_int",
+    "as_real_tensor",
+    "check_budget",
+    "check_int",
+    "check_real",
+    "check_reward_range",
+]
 
 
 def as_int(value) -> int | None:
@@ -116,3 +123,25 @@ def check_reward_range(reward_range, *, where: str) -> tuple[float, float]:
             )
         )
     return float(lo), float(hi)
+
+
+def as_real_tensor(value, *, where: str, what: str, listing: str, fix: str) -> torch.Tensor:
+    """``value`` (a tensor or nested lists of numbers) as a real tensor, dtype unchanged; junk or
+    complex numbers are a GradNoiseError saying ``what`` was expected (``listing`` names the
+    accepted list form)."""
+    tensor, reason = None, ""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        reason = str(err)
+    if tensor is None or tensor.is_complex():
+        raise GradNoiseError(
+            explain(
+                where,
+                expected=f"{what} as a real tensor or {listing}",
+                got=f"{type(value).__name__}"
+                + (f": {reason}" if tensor is None else f" of dtype {tensor.dtype}"),
+                fix=fix,
+            )
+        )
+    return tensor

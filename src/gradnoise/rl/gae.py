@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.rl.checks import check_real
+from gradnoise.rl.checks import as_real_tensor, check_real
 
 __all__ = ["GAE", "gae_advantages"]
 
@@ -40,22 +40,13 @@ class GAE(NamedTuple):
 
 
 def _tensor(value, *, where: str, what: str) -> torch.Tensor:
-    tensor, reason = None, ""
-    try:
-        tensor = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        reason = str(err)
-    if tensor is None or tensor.is_complex():
-        raise GradNoiseError(
-            explain(
-                f"{where}({what})",
-                expected=f"{what} as a real tensor or a nested list of numbers",
-                got=f"{type(value).__name__}"
-                + (f": {reason}" if tensor is None else f" of dtype {tensor.dtype}"),
-                fix=f"pass {what} as a float tensor of shape (T, B)",
-            )
-        )
-    return tensor
+    return as_real_tensor(
+        value,
+        where=f"{where}({what})",
+        what=what,
+        listing="a nested list of numbers",
+        fix=f"pass {what} as a float tensor of shape (T, B)",
+    )
 
 
 def _finite(tensor: torch.Tensor, *, where: str, what: str) -> torch.Tensor:
