@@ -43,6 +43,7 @@ import torch
 
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.monitor.profile import heldout_loss
+from gradnoise.monitor.records import clean
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.running import step_estimates
 from gradnoise.workloads import Workload, get_workload
@@ -320,7 +321,7 @@ def calibrate(
     if out is not None:
         directory = Path(out)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CALIBRATION_FILE).write_text(json.dumps(_clean(result), indent=1))
+        (directory / CALIBRATION_FILE).write_text(json.dumps(clean(result), indent=1))
     return result
 
 
@@ -386,16 +387,6 @@ def _spread(values: list[float]) -> dict:
         "high": max(finite),
         "n": len(finite),
     }
-
-
-def _clean(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def plot_calibration(result: dict, path: str | Path) -> Path:

@@ -18,22 +18,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from gradnoise.monitor.records import finite_number
 from gradnoise.monitor.summary import gsnr_ranking
 
 __all__ = ["write_plots"]
 
 
-def _finite(value) -> float | None:
-    """``value`` as a float, or None when it is not finite (or beyond float range)."""
-    try:
-        number = float(value)
-    except (OverflowError, TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _series(steps: list[dict], key: str) -> list[float]:
-    values = [_finite(r.get(key)) if r.get(key) is not None else None for r in steps]
+    values = [finite_number(r.get(key)) for r in steps]
     return [math.nan if v is None else v for v in values]
 
 
@@ -85,7 +77,7 @@ def plot_norms(steps: list[dict], path: Path) -> Path:
     third = max(1, len(steps) // 3)
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for label, part in (("early", steps[:third]), ("late", steps[-third:])):
-        norms = [_finite(v) for r in part for v in r.get("example_norms", []) if v is not None]
+        norms = [finite_number(v) for r in part for v in r.get("example_norms", [])]
         norms = [v for v in norms if v is not None]
         if norms:
             _histogram(ax, norms, label=f"{label} ({len(norms)} examples)")

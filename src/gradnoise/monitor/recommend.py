@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.console import fmt, plain
+from gradnoise.monitor.records import as_number
 from gradnoise.monitor.summary import GsnrSummary, gsnr_ranking
 from gradnoise.stats.instruments import affine_variance_fit, hill_tail_index
 
@@ -216,16 +217,6 @@ def _is_batch(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**40
 
 
-def _number(value) -> float | None:
-    """A JSON number as a float (ints beyond float range become inf), None stays None."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
-
-
 def _reading(record: dict) -> tuple[float | None, float | None, float | None]:
     """``(b_simple, low, high)`` of a record as floats, or three Nones when B_simple is not
     positive (undefined; only a hand-made record holds a negative one).
@@ -233,7 +224,7 @@ def _reading(record: dict) -> tuple[float | None, float | None, float | None]:
     The file writes both NaN (no interval yet, one step) and inf (unbounded above) as null: two
     nulls mean no band (``low = high = b_simple``), a null ``ci_high`` alone an unbounded one.
     """
-    b, low, high = (_number(record.get(k)) for k in ("b_simple", "ci_low", "ci_high"))
+    b, low, high = (as_number(record.get(k)) for k in ("b_simple", "ci_low", "ci_high"))
     if b is None or not 0 < b < math.inf:
         return None, None, None
     if low is None and high is None:
@@ -322,12 +313,12 @@ def _tail_text(steps: list[dict]) -> str:
 
 
 def _positive(value) -> bool:
-    number = _number(value)
+    number = as_number(value)
     return number is not None and 0 < number < math.inf
 
 
 def _affine_text(steps: list[dict]) -> str:
-    pairs = [(_number(r.get("trace_sigma")), _number(r.get("grad_sq_norm"))) for r in steps]
+    pairs = [(as_number(r.get("trace_sigma")), as_number(r.get("grad_sq_norm"))) for r in steps]
     pairs = [(t, q) for t, q in pairs if t is not None and q is not None]
     pairs = [(t, q) for t, q in pairs if math.isfinite(t) and math.isfinite(q)]
     try:
@@ -344,7 +335,7 @@ def _affine_text(steps: list[dict]) -> str:
 
 def overhead_text(run: dict | None) -> str:
     """One sentence on the measured cost of profiling."""
-    values = {key: _number((run or {}).get(key)) for key in OVERHEAD_FIELDS}
+    values = {key: as_number((run or {}).get(key)) for key in OVERHEAD_FIELDS}
     if any(v is None or not math.isfinite(v) for v in values.values()):
         return (
             "The profiling overhead was not measured (the run ended early or had no plain steps)."

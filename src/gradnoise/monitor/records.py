@@ -17,7 +17,16 @@ from gradnoise.errors import GradNoiseError, explain
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.running import step_estimates
 
-__all__ = ["METRICS_FILE", "Metrics", "clean", "read_metrics", "step_record", "write_line"]
+__all__ = [
+    "METRICS_FILE",
+    "Metrics",
+    "as_number",
+    "clean",
+    "finite_number",
+    "read_metrics",
+    "step_record",
+    "write_line",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,6 +40,23 @@ def clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [clean(item) for item in value]
     return value
+
+
+def as_number(value) -> float | None:
+    """A JSON number as a float (ints beyond float range become +-inf); None, booleans and
+    non-numbers give None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def finite_number(value) -> float | None:
+    """:func:`as_number` when it is finite, else None (what a plot or a difference can use)."""
+    number = as_number(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _layer_estimates(stats: GradStats) -> dict[str, dict[str, float]]:

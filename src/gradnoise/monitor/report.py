@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 
 from gradnoise.monitor.calibrate import agreement_text, plot_calibration, read_calibration
@@ -18,7 +17,7 @@ from gradnoise.monitor.recommend import (
     overhead_text,
     trade_off_table,
 )
-from gradnoise.monitor.records import Metrics, read_metrics
+from gradnoise.monitor.records import Metrics, finite_number, read_metrics
 
 __all__ = ["REPORT_FILE", "render_html", "write_report"]
 
@@ -68,21 +67,10 @@ def _facts(metrics: Metrics) -> str:
 
 
 def _excess(last: dict, run: dict) -> str:
-    floor, heldout = _finite(run.get("loss_floor")), _finite(last.get("heldout_loss"))
+    floor, heldout = finite_number(run.get("loss_floor")), finite_number(last.get("heldout_loss"))
     if floor is None or heldout is None:
         return "n/a (the data's floor is not known)" if floor is None else "n/a"
     return f"{fmt(heldout - floor, 3)} nats (floor {fmt(floor, 4)})"
-
-
-def _finite(value) -> float | None:
-    """A finite float, or None (for null, huge ints and other values only a hand-edit writes)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _skipped(last: dict, run: dict) -> int:
@@ -158,7 +146,7 @@ def write_report(directory: str | Path) -> Path:
     """Read ``directory/metrics.jsonl``, draw the plots and write ``directory/report.html``."""
     directory = Path(directory)
     metrics = read_metrics(directory)
-    floor = _finite((metrics.run or {}).get("loss_floor"))
+    floor = finite_number((metrics.run or {}).get("loss_floor"))
     plots = write_plots(metrics.steps, directory / "plots", loss_floor=floor)
     calibration = read_calibration(directory)
     if calibration is not None:
