@@ -69,6 +69,10 @@ def step_records(draw, step: int) -> dict:
         names = draw(st.lists(st.sampled_from(NAMES), unique=True))
         record[key] = {name: draw(maybe_number) for name in names}
     record["example_norms"] = draw(st.lists(st.floats(0, 1e3), max_size=6))
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3))
+    record["layer_example_norms"] = {
+        name: draw(st.lists(st.floats(0, 1e3), max_size=6)) for name in names
+    }
     return record
 
 
@@ -113,7 +117,7 @@ def _refused_field(record: dict, key: str) -> str | None:
 
 def _checked_fields(kind: str) -> set[str]:
     if kind == "step":
-        return {*STEP_NUMBERS, *STEP_COUNTS, *STEP_LAYERS, "example_norms"}
+        return {*STEP_NUMBERS, *STEP_COUNTS, *STEP_LAYERS, "example_norms", "layer_example_norms"}
     return {*RUN_NUMBERS, *RUN_COUNTS, "coverage"}
 
 
@@ -126,6 +130,10 @@ def _fits(key: str, value, kind: str) -> bool:
         return isinstance(value, dict) and all(is_num(v) for v in value.values())
     if key == "example_norms":
         return isinstance(value, list) and all(is_num(v) for v in value)
+    if key == "layer_example_norms":
+        return isinstance(value, dict) and all(
+            isinstance(v, list) and all(is_num(x) for x in v) for v in value.values()
+        )
     if key == "coverage":
         return value is None or isinstance(value, dict)
     return is_num(value)
@@ -177,7 +185,11 @@ def metric_files(draw):
             record, key = _mutate(record, draw)
         elif kind == "odd":
             keys = [k for k in record if k in _checked_fields(record["kind"])]
-            key = draw(st.sampled_from([k for k in keys if k not in ("coverage", *STEP_LAYERS)]))
+            key = draw(
+                st.sampled_from(
+                    [k for k in keys if k not in ("coverage", "layer_example_norms", *STEP_LAYERS)]
+                )
+            )
             if key == "example_norms":
                 record[key] = [draw(odd_number)]
             else:

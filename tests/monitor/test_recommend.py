@@ -174,3 +174,51 @@ def test_report_states_the_tail_index_and_the_affine_fit_of_the_run():
         "Too few per-example norms for a tail index. "
         "Too few measured steps to test the affine noise model."
     )
+
+
+def test_per_layer_instruments_find_the_heavy_layer_and_the_curved_one():
+    """Two layers with known truths: "heavy" has Pareto(1.5) norms and affine noise
+    (sigma0^2 = 2, sigma1^2 = 3), "light" has Pareto(6) norms and tr(Sigma) = 1 + |G|^4, which
+    the lack-of-fit test must reject. 60 steps of 128 examples: the late third holds 2560 norms
+    per layer, a Hill tail of k = 256, relative sd 1/sqrt(k) = 1/16, so alpha is checked within
+    4 sd; the slope within 4 of its standard error (the 90% half-width / 1.67)."""
+    import torch
+
+    from gradnoise.monitor.recommend import instrument_text
+    from gradnoise.monitor.summary import affine_fits, tail_indices
+
+    generator = torch.Generator().manual_seed(1)
+
+    def pareto(alpha):
+        u = torch.rand(60, 128, generator=generator, dtype=torch.float64)
+        return (1 - u) ** (-1 / alpha)
+
+    heavy, light = pareto(1.5), pareto(6.0)
+    q = torch.linspace(0.5, 5.0, 60, dtype=torch.float64)
+    noise = 0.05 * torch.randn(2, 60, generator=generator, dtype=torch.float64)
+    steps = [
+        {
+            "layer_example_norms": {"heavy": heavy[i].tolist(), "light": light[i].tolist()},
+            "layer_trace": {
+                "heavy": float(2 + 3 * q[i] + noise[0, i]),
+                "light": float(1 + q[i] ** 2 + noise[1, i]),
+            },
+            "layer_grad_sq": {"heavy": float(q[i]), "light": float(q[i])},
+        }
+        for i in range(60)
+    ]
+    tails = tail_indices(steps)
+    assert list(tails) == ["heavy", "light"]  # heaviest first; no whole-model norms recorded
+    for name, alpha in (("heavy", 1.5), ("light", 6.0)):
+        assert tails[name].k == 256
+        assert abs(tails[name].alpha - alpha) < 4 * alpha / 16, (name, tails[name])
+    assert tails["heavy"].heavy and not tails["light"].heavy
+    fits = affine_fits(steps)
+    heavy_fit = fits["heavy"]
+    se = (heavy_fit.sigma1_sq_high - heavy_fit.sigma1_sq) / 1.67
+    assert heavy_fit.holds and abs(heavy_fit.sigma1_sq - 3) < 4 * se
+    assert not fits["light"].holds and "curved" in fits["light"].reason
+    text = instrument_text(steps)
+    assert "Per layer, the heaviest tail is heavy" in text
+    assert "1 of 2 have a significantly heavy tail: heavy." in text
+    assert "Per layer, it fails for 1 of 2 (about 0.2 would by chance at 90%): light." in text

@@ -62,7 +62,7 @@ def test_report_rerenders_and_mentions_skipped_lines(tmp_path):
     directory = _write(tmp_path / "m", [_step(1), "garbage", _step(2), _step(3)])
     html = write_report(directory).read_text()
     assert "1 unreadable line(s) of metrics.jsonl were skipped" in html
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     assert "batch size 8 is below the band of the measured noise scale" in html
 
 

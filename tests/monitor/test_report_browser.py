@@ -78,7 +78,7 @@ def report(tmp_path_factory):
 
 def test_report_plots_load_without_console_errors(tmp_path, report):
     images, broken, console = inspect(tmp_path, report)
-    assert (images, broken, console) == (4, 0, [])
+    assert (images, broken, console) == (5, 0, [])
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def calibrated_report(tmp_path_factory):
 
 def test_report_shows_the_trade_off_table_and_the_calibration(tmp_path, calibrated_report):
     images, broken, console = inspect(tmp_path, calibrated_report)
-    assert (images, broken, console) == (5, 0, [])  # the four plots and the calibration figure
+    assert (images, broken, console) == (6, 0, [])  # the five plots and the calibration figure
     dom = _chromium(tmp_path, calibrated_report.as_uri(), "--dump-dom").stdout
     assert 'class="tradeoff"' in dom and "steps vs now" in dom
     assert "Calibrated critical batch" in dom and 'id="plot-calibration"' in dom
@@ -125,6 +125,57 @@ def test_report_screenshot_shows_a_rendered_page(tmp_path, report):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2400, 1000)
     assert pixels[..., :3].std() > 0.05  # text and plots, not a blank page
+
+
+@pytest.fixture(scope="module")
+def instrumented_report(tmp_path_factory):
+    """Enough measured steps for both instruments: 30 steps of 32 examples, every step
+    measured, so the late third holds 320 per-example norms per layer (a Hill tail of 32)."""
+    out = tmp_path_factory.mktemp("instruments")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    with Monitor(model, out=out, every=1, tensorboard=False) as monitor:
+        for _ in range(30):
+            x = torch.randn(32, 6)
+            y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+            with monitor.step() as step:
+                step.loss = F.cross_entropy(model(x), y)
+                step.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return out / "report.html"
+
+
+def _decoded_plot(html, name):
+    import base64
+    import io
+
+    found = re.search(rf'id="plot-{name}" alt="{name}" src="data:image/png;base64,([^"]+)"', html)
+    assert found, f"no {name} plot in the report"
+    return matplotlib.image.imread(io.BytesIO(base64.b64decode(found[1])), format="png")
+
+
+def test_report_shows_the_tail_index_and_affine_fit_per_layer(tmp_path, instrumented_report):
+    images, broken, console = inspect(tmp_path, instrumented_report)
+    assert (images, broken, console) == (5, 0, [])
+    dom = _chromium(tmp_path, instrumented_report.as_uri(), "--dump-dom").stdout
+    assert "Tail index of the late per-example gradient norms" in dom
+    assert "Per layer, the heaviest tail is" in dom
+    assert "Affine noise model tr(Sigma)" in dom and "Per layer, " in dom
+    html = instrumented_report.read_text()
+    for name in ("norms", "affine"):
+        pixels = _decoded_plot(html, name)[..., :3]
+        right = pixels[:, pixels.shape[1] // 2 :]
+        assert right.std() > 0.05, f"{name}: the per-layer panel is blank"
+        # the per-layer panels draw intervals in blue or red: some pixels are saturated colour
+        colour = (right.max(-1) - right.min(-1)) > 0.4
+        assert colour.sum() > 50, f"{name}: no intervals drawn in the per-layer panel"
+    shot = tmp_path / "instruments.png"
+    _chromium(
+        tmp_path, instrumented_report.as_uri(), f"--screenshot={shot}", "--window-size=1000,4000"
+    )
+    assert matplotlib.image.imread(shot)[..., :3].std() > 0.05
 
 
 def test_the_checker_sees_broken_images_and_console_errors(tmp_path):

@@ -3,7 +3,10 @@
 * ``noise_scale.png``: the running B_simple with its band, each batch's own estimate and the
   batch size.
 * ``gsnr.png``: per-layer GSNR over the second half of training with its band, lowest first.
-* ``norms.png``: the distribution of per-example gradient norms, early versus late in training.
+* ``norms.png``: the distribution of per-example gradient norms, early versus late in training,
+  and beside it the late tail index (Hill) of every layer with its interval.
+* ``affine.png``: tr(Sigma) against |G|^2 over the measured steps with the fitted affine noise
+  model, and every layer's fitted slope with its interval, marked where the model fails.
 * ``loss.png``: training and held-out loss at the measured steps, and the entropy floor when
   the workload knows it.
 """
@@ -19,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gradnoise.monitor.records import finite_number
-from gradnoise.monitor.summary import gsnr_ranking
+from gradnoise.monitor.summary import WHOLE_MODEL, affine_fits, gsnr_ranking, tail_indices
 
 __all__ = ["write_plots"]
 
@@ -74,18 +77,97 @@ def plot_gsnr(steps: list[dict], path: Path) -> Path:
 
 
 def plot_norms(steps: list[dict], path: Path) -> Path:
+    """Left: per-example norms early and late; right: the late tail index per layer."""
     third = max(1, len(steps) // 3)
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    tails = tail_indices(steps)
+    layers = [(n, t) for n, t in tails.items() if n != WHOLE_MODEL]
+    fig, (ax, right) = plt.subplots(
+        1, 2, figsize=(11, max(3.4, 0.2 * len(layers) + 1.2)), width_ratios=(1.2, 1)
+    )
     for label, part in (("early", steps[:third]), ("late", steps[-third:])):
         norms = [finite_number(v) for r in part for v in r.get("example_norms", [])]
         norms = [v for v in norms if v is not None]
         if norms:
             _histogram(ax, norms, label=f"{label} ({len(norms)} examples)")
+    whole = tails.get(WHOLE_MODEL)
+    title = "Per-example gradient norms"
+    if whole is not None:
+        title += f"\nlate tail index {whole.alpha:.2f} ({whole.low:.2f} to {whole.high:.2f})"
+    ax.set(xlabel="per-example gradient norm", ylabel="examples", title=title)
+    ax.legend(fontsize=8)
+    _tail_dots(right, layers)
+    return _save(fig, path)
+
+
+def _tail_dots(ax, layers: list) -> None:
+    """Hill alpha per layer with its 90% interval; alpha <= 2 (left of the line) is an
+    infinite-variance tail."""
+    if not layers:
+        ax.text(0.5, 0.5, "no per-layer norms recorded", ha="center")
+        ax.set_axis_off()
+        return
+    names = [name for name, _ in layers]
+    heavy = ["tab:red" if t.heavy else "tab:blue" for _, t in layers]
+    ax.hlines(names, [t.low for _, t in layers], [t.high for _, t in layers], colors=heavy)
+    ax.scatter([t.alpha for _, t in layers], names, s=9, c=heavy, zorder=3)
+    ax.axvline(2, color="k", lw=0.8, ls="--")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=6)
     ax.set(
-        xlabel="per-example gradient norm", ylabel="examples", title="Per-example gradient norms"
+        xlabel="tail index alpha (Hill, largest 10%; red: interval below 2)",
+        title="Late tail index per layer, heaviest first",
+    )
+
+
+def plot_affine(steps: list[dict], path: Path) -> Path:
+    """Left: tr(Sigma) against |G|^2 per measured step with the fitted line; right: each
+    layer's fitted slope sigma1^2 with its 90% interval, red where the affine model fails."""
+    fits = affine_fits(steps)
+    layers = [(n, f) for n, f in fits.items() if n != WHOLE_MODEL]
+    fig, (ax, right) = plt.subplots(
+        1, 2, figsize=(11, max(3.4, 0.2 * len(layers) + 1.2)), width_ratios=(1.2, 1)
+    )
+    xs, ys = _series(steps, "grad_sq_norm"), _series(steps, "trace_sigma")
+    ax.plot(xs, ys, ".", alpha=0.5, label="one measured step")
+    whole = fits.get(WHOLE_MODEL)
+    finite = [x for x in xs if math.isfinite(x)]
+    if whole is not None and finite:
+        line = [min(finite), max(finite)]
+        verdict = "holds" if whole.holds else "fails"
+        ax.plot(
+            line,
+            [whole.sigma0_sq + whole.sigma1_sq * x for x in line],
+            color="k",
+            label=f"sigma0^2 + sigma1^2 |G|^2 (R^2 {whole.r_squared:.2f}, {verdict})",
+        )
+    ax.set(
+        xlabel="|G|^2 (one batch, unbiased)",
+        ylabel="tr(Sigma)",
+        title="Affine noise model, whole model",
     )
     ax.legend(fontsize=8)
+    _slope_dots(right, layers)
     return _save(fig, path)
+
+
+def _slope_dots(ax, layers: list) -> None:
+    if not layers:
+        ax.text(0.5, 0.5, "no per-layer estimates recorded", ha="center")
+        ax.set_axis_off()
+        return
+    names = [name for name, _ in layers]
+    colors = ["tab:blue" if f.holds else "tab:red" for _, f in layers]
+    ax.hlines(
+        names,
+        [f.sigma1_sq_low for _, f in layers],
+        [f.sigma1_sq_high for _, f in layers],
+        colors=colors,
+    )
+    ax.scatter([f.sigma1_sq for _, f in layers], names, s=9, c=colors, zorder=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set(xlabel="slope sigma1^2 (90% interval; red: affine model fails)", title="Per layer")
 
 
 def _histogram(ax, values: list[float], *, label: str) -> None:
@@ -121,5 +203,6 @@ def write_plots(
         "noise_scale": plot_noise_scale(steps, directory / "noise_scale.png"),
         "gsnr": plot_gsnr(steps, directory / "gsnr.png"),
         "norms": plot_norms(steps, directory / "norms.png"),
+        "affine": plot_affine(steps, directory / "affine.png"),
         "loss": plot_loss(steps, directory / "loss.png", loss_floor),
     }

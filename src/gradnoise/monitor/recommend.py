@@ -25,11 +25,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradnoise.errors import GradNoiseError
 from gradnoise.monitor.console import fmt, plain
 from gradnoise.monitor.records import as_number
-from gradnoise.monitor.summary import GsnrSummary, gsnr_ranking
-from gradnoise.stats.instruments import affine_variance_fit, hill_tail_index
+from gradnoise.monitor.summary import (
+    WHOLE_MODEL,
+    GsnrSummary,
+    affine_fits,
+    gsnr_ranking,
+    tail_indices,
+)
+from gradnoise.stats.instruments import AffineVarianceFit, TailIndex
 
 __all__ = [
     "TRADE_OFF_HEADER",
@@ -286,17 +291,24 @@ OVERHEAD_FIELDS = (
 
 def instrument_text(steps: list[dict]) -> str:
     """The tail index of the late per-example norms and the affine-variance fit over the run,
-    in plain words (see :mod:`gradnoise.stats.instruments` for both estimators)."""
-    parts = [_tail_text(steps), _affine_text(steps)]
+    whole model and per layer, in plain words (see :mod:`gradnoise.monitor.summary`)."""
+    tails, fits = tail_indices(steps), affine_fits(steps)
+    parts = [
+        _tail_text(tails),
+        _layer_tails_text(tails),
+        _affine_text(fits),
+        _layer_fits_text(fits),
+    ]
     return " ".join(p for p in parts if p)
 
 
-def _tail_text(steps: list[dict]) -> str:
-    late = steps[-max(1, len(steps) // 3) :]
-    norms = [v for r in late for v in r.get("example_norms", []) if _positive(v)]
-    try:
-        tail = hill_tail_index(norms, tail_fraction=0.1)
-    except GradNoiseError:
+def _layers(items: dict) -> dict:
+    return {name: value for name, value in items.items() if name != WHOLE_MODEL}
+
+
+def _tail_text(tails: dict[str, TailIndex]) -> str:
+    tail = tails.get(WHOLE_MODEL)
+    if tail is None:
         return "Too few per-example norms for a tail index."
     verdict = (
         "heavy: the per-example variance may not exist, so averages of norms are unreliable"
@@ -312,24 +324,45 @@ def _tail_text(steps: list[dict]) -> str:
     )
 
 
-def _positive(value) -> bool:
-    number = as_number(value)
-    return number is not None and 0 < number < math.inf
+def _layer_tails_text(tails: dict[str, TailIndex]) -> str:
+    layers = _layers(tails)
+    if not layers:
+        return ""
+    heavy = [name for name, t in layers.items() if t.heavy]
+    heaviest = next(iter(layers.items()))
+    text = (
+        f"Per layer, the heaviest tail is {heaviest[0]} ({fmt(heaviest[1].alpha, 2)}, 90% "
+        f"{fmt(heaviest[1].low, 2)} to {fmt(heaviest[1].high, 2)})"
+    )
+    if heavy:
+        shown = ", ".join(heavy[:3]) + (f" and {len(heavy) - 3} more" if len(heavy) > 3 else "")
+        return text + f"; {len(heavy)} of {len(layers)} have a significantly heavy tail: {shown}."
+    return text + f"; none of the {len(layers)} layers has a significantly heavy tail."
 
 
-def _affine_text(steps: list[dict]) -> str:
-    pairs = [(as_number(r.get("trace_sigma")), as_number(r.get("grad_sq_norm"))) for r in steps]
-    pairs = [(t, q) for t, q in pairs if t is not None and q is not None]
-    pairs = [(t, q) for t, q in pairs if math.isfinite(t) and math.isfinite(q)]
-    try:
-        fit = affine_variance_fit([t for t, _ in pairs], [q for _, q in pairs])
-    except GradNoiseError:
+def _affine_text(fits: dict[str, AffineVarianceFit]) -> str:
+    fit = fits.get(WHOLE_MODEL)
+    if fit is None:
         return "Too few measured steps to test the affine noise model."
     verdict = "consistent with it" if fit.holds else f"not affine ({fit.reason})"
     return (
         f"Affine noise model tr(Sigma) = sigma0^2 + sigma1^2 |G|^2 over {fit.steps} measured "
         f"steps: sigma0^2 = {fmt(fit.sigma0_sq)}, sigma1^2 = {fmt(fit.sigma1_sq)} "
         f"(R^2 {fmt(fit.r_squared, 2)}), {verdict}."
+    )
+
+
+def _layer_fits_text(fits: dict[str, AffineVarianceFit]) -> str:
+    layers = _layers(fits)
+    if not layers:
+        return ""
+    failing = [name for name, fit in layers.items() if not fit.holds]
+    if not failing:
+        return f"Per layer, the affine model is consistent with all {len(layers)} layers."
+    shown = ", ".join(failing[:3]) + (f" and {len(failing) - 3} more" if len(failing) > 3 else "")
+    return (
+        f"Per layer, it fails for {len(failing)} of {len(layers)} (about "
+        f"{fmt(0.1 * len(layers), 1)} would by chance at 90%): {shown}."
     )
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gradnoise.errors import GradNoiseError, explain
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.running import step_estimates
@@ -71,6 +73,16 @@ def _layer_estimates(stats: GradStats) -> dict[str, dict[str, float]]:
     }
 
 
+def _layer_norms(stats: GradStats) -> dict[str, list[float]]:
+    """Per parameter, this batch's per-example gradient norms to 4 significant digits (the
+    per-layer tail index needs the samples; 4 digits keep the file about 4x smaller)."""
+    per_example = stats.per_example_sq_norms()
+    rows = torch.stack(list(per_example.values())).clamp_min(0).sqrt().tolist()
+    return {
+        name: [float(f"{v:.4g}") for v in row] for name, row in zip(per_example, rows, strict=True)
+    }
+
+
 def step_record(stats: GradStats, reading, *, step: int, loss: float, seconds: float) -> dict:
     """The record of one measured step: this batch's statistics and the running noise scale."""
     batch = stats.noise_scale()
@@ -92,6 +104,7 @@ def step_record(stats: GradStats, reading, *, step: int, loss: float, seconds: f
             "layer_noise_scale": dict(reading.per_layer),
             **(_layer_estimates(stats) if stats.batch_size >= 2 else {}),
             "example_norms": [round(v, 6) for v in norms.tolist()],
+            "layer_example_norms": _layer_norms(stats),
         }
     )
 
@@ -173,9 +186,16 @@ def _bad_field(record: dict) -> tuple[str, str] | None:
         if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
             return key, "an object {parameter: number or null}"
     norms = record.get("example_norms", [])
-    if not isinstance(norms, list) or not all(_is_number(v) for v in norms):
+    if not _is_number_list(norms):
         return "example_norms", "a list of numbers"
+    layers = record.get("layer_example_norms", {})
+    if not isinstance(layers, dict) or not all(_is_number_list(v) for v in layers.values()):
+        return "layer_example_norms", "an object {parameter: list of numbers}"
     return None
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
 def _check_types(path: Path, number: int, record: dict) -> None:

@@ -27,7 +27,12 @@ CAPTIONS = {
     "noise_scale": "Running simple noise scale with its 90% band; dots are single batches.",
     "gsnr": "GSNR = |G|^2 / tr(Sigma) of each parameter over the second half of training, "
     "with its 90% band (0: no detectable signal).",
-    "norms": "Per-example gradient norms, first third versus last third of the measured steps.",
+    "norms": "Per-example gradient norms, first third versus last third of the measured steps; "
+    "right: the Hill tail index of each layer's late per-example norms with its 90% interval "
+    "(at or below 2: infinite variance).",
+    "affine": "The affine noise model tr(Sigma) = sigma0^2 + sigma1^2 |G|^2 (the assumption of "
+    "the Adam and AdaGrad convergence results), fitted over the measured steps; right: each "
+    "layer's slope with its 90% interval, red where the model fails its lack-of-fit test.",
     "loss": "Training and held-out loss (and the data's entropy floor when it is known).",
     "calibration": "gradnoise calibrate: steps against examples at each loss target with the "
     "fitted hyperbola, and the measured critical batch beside B_simple.",

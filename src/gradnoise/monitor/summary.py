@@ -8,6 +8,14 @@ and its interval is Fieller's for that ratio with the steps treated as independe
 same construction as ``NoiseScale``'s band, see :mod:`gradnoise.stats.averaging`). With no
 signal the value sits near 0 and the interval reaches down to 0; nothing is floored at ``1/B``.
 One ranking, :func:`gsnr_ranking`, orders the layers for the console and the report alike.
+
+**Instruments per layer** (:mod:`gradnoise.stats.instruments`). :func:`tail_indices`: the Hill
+tail index of the per-example gradient norms over the late third of the steps, whole model
+(``example_norms``) and per parameter (``layer_example_norms``), the largest 10% as the tail.
+:func:`affine_fits`: the affine noise model tr(Sigma) = sigma0^2 + sigma1^2 |G|^2 fitted over all
+measured steps, whole model (``trace_sigma``, ``grad_sq_norm``) and per parameter
+(``layer_trace``, ``layer_grad_sq``). Non-positive or non-finite norms and non-finite estimates
+are left out; a layer with too few samples for its estimator is left out of the result.
 """
 
 from __future__ import annotations
@@ -15,9 +23,30 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gradnoise.errors import GradNoiseError
+from gradnoise.monitor.records import as_number
 from gradnoise.stats.averaging import fieller_interval, student_quantile
+from gradnoise.stats.instruments import (
+    AffineVarianceFit,
+    TailIndex,
+    affine_variance_fit,
+    hill_tail_index,
+)
 
-__all__ = ["GsnrSummary", "gsnr_ranking", "late_gsnr", "late_steps"]
+__all__ = [
+    "TAIL_FRACTION",
+    "WHOLE_MODEL",
+    "GsnrSummary",
+    "affine_fits",
+    "gsnr_ranking",
+    "late_gsnr",
+    "late_steps",
+    "late_third",
+    "tail_indices",
+]
+
+TAIL_FRACTION = 0.1
+WHOLE_MODEL = "whole model"
 
 CONFIDENCE = 0.9
 
@@ -80,3 +109,59 @@ def gsnr_ranking(steps: list[dict]) -> list[tuple[str, GsnrSummary]]:
         summaries.items(),
         key=lambda item: (math.isnan(item[1].value), item[1].value, item[0]),
     )
+
+
+# ------------------------------------------------------------------------------- instruments
+def late_third(steps: list[dict]) -> list[dict]:
+    """The last third of the measured steps (at least one)."""
+    return steps[-max(1, len(steps) // 3) :]
+
+
+def _positive_finite(values) -> list[float]:
+    numbers = (as_number(v) for v in values)
+    return [v for v in numbers if v is not None and 0 < v < math.inf]
+
+
+def tail_indices(steps: list[dict]) -> dict[str, TailIndex]:
+    """Hill tail index of the late per-example norms: ``WHOLE_MODEL`` first, then each
+    parameter, ordered by ``alpha`` (heaviest tail first)."""
+    late = late_third(steps)
+    samples = {WHOLE_MODEL: [v for r in late for v in r.get("example_norms") or []]}
+    layers: dict[str, list] = {}
+    for record in late:
+        for name, norms in (record.get("layer_example_norms") or {}).items():
+            layers.setdefault(name, []).extend(norms)
+    result = {}
+    for name, values in {**samples, **layers}.items():
+        try:
+            result[name] = hill_tail_index(_positive_finite(values), tail_fraction=TAIL_FRACTION)
+        except GradNoiseError:
+            continue
+    whole = {k: v for k, v in result.items() if k == WHOLE_MODEL}
+    rest = sorted(
+        ((k, v) for k, v in result.items() if k != WHOLE_MODEL), key=lambda kv: kv[1].alpha
+    )
+    return whole | dict(rest)
+
+
+def _finite_pairs(pairs) -> tuple[list[float], list[float]]:
+    numbers = [(as_number(t), as_number(q)) for t, q in pairs]
+    kept = [(t, q) for t, q in numbers if t is not None and q is not None]
+    kept = [(t, q) for t, q in kept if math.isfinite(t) and math.isfinite(q)]
+    return [t for t, _ in kept], [q for _, q in kept]
+
+
+def affine_fits(steps: list[dict]) -> dict[str, AffineVarianceFit]:
+    """The affine-variance fit over all measured steps: ``WHOLE_MODEL`` first, then each
+    parameter in record order."""
+    series = {WHOLE_MODEL: [(r.get("trace_sigma"), r.get("grad_sq_norm")) for r in steps]}
+    for name, pairs in _pairs(steps).items():
+        series[name] = pairs
+    result = {}
+    for name, pairs in series.items():
+        traces, sqs = _finite_pairs(pairs)
+        try:
+            result[name] = affine_variance_fit(traces, sqs)
+        except GradNoiseError:
+            continue
+    return result
