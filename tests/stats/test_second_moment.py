@@ -53,6 +53,10 @@ def test_tracking_and_noise_share_match_the_closed_form():
     tracking, tracking_se = _mean_and_se([r.tracking for r in late])
     assert abs(share - want_share) < 4 * share_se + 0.01 * want_share
     assert abs(tracking - 1.0) < 4 * tracking_se + 0.01
+    # the pooled ratio from the parts each reading carries, the same closed form
+    target = sum(r.signal + r.noise for r in late)
+    assert abs(sum(r.noise for r in late) / target - want_share) < 4 * share_se + 0.01 * want_share
+    assert abs(target / sum(r.v_hat_sum for r in late) - 1.0) < 4 * tracking_se + 0.01
 
 
 def test_settles_after_the_burn_in_and_unsettles_when_the_scale_jumps():

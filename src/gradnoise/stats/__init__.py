@@ -9,6 +9,7 @@ from gradnoise.stats.agreement import (
     inner_product_test,
     orthogonality_test,
 )
+from gradnoise.stats.clipping import ClippedGradient, clip_factors, clipped_backward
 from gradnoise.stats.distributed import NoiseScaleHook, all_reduce_moments
 from gradnoise.stats.engine import GradStats, token_mean_weights
 from gradnoise.stats.instruments import (
@@ -38,11 +39,13 @@ from gradnoise.stats.quantities import (
 )
 from gradnoise.stats.running import NoiseScale, NoiseScaleReading
 from gradnoise.stats.scores import ExampleScores, class_logit_input_grads
+from gradnoise.stats.second_moment import SecondMomentProbe, SecondMomentReading
 from gradnoise.stats.twobatch import MicroBatchNorms, TwoBatchNorms
 
 __all__ = [
     "AffineVarianceFit",
     "Agreement",
+    "ClippedGradient",
     "ExampleScores",
     "GradMoments",
     "GradStats",
@@ -53,6 +56,8 @@ __all__ = [
     "NoiseScaleReading",
     "NormTestResult",
     "SamplingTest",
+    "SecondMomentProbe",
+    "SecondMomentReading",
     "TailIndex",
     "TwoBatchNorms",
     "adam_preconditioner",
@@ -62,6 +67,8 @@ __all__ = [
     "agreement_from_norms",
     "all_reduce_moments",
     "class_logit_input_grads",
+    "clip_factors",
+    "clipped_backward",
     "directional_derivatives",
     "elementwise_variance",
     "gradient_noise_scale",

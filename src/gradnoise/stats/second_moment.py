@@ -27,8 +27,10 @@ below ``tolerance``. This is the concentration idea, not the paper's exact switc
 change per probe scales with :math:`1-\beta_2` and the probe interval: with Adam's default
 0.999, a jump of the gradient scale moves :math:`\hat v` by only ~0.1% of the jump per step, so
 read ``tracking`` (which sees the lag at once) beside ``settled``.
-One batch's numbers are noisy (the unbiased :math:`\|G\|^2` can be negative); average
-``noise_share`` and ``tracking`` over probes before reading them.
+One batch's numbers are noisy (the unbiased :math:`\|G\|^2` can be negative, and a ratio of
+noisy numbers is biased): pool probes through the parts each reading carries, ``signal``
+:math:`\|G\|^2`, ``noise`` :math:`\mathrm{tr}\Sigma/B` and ``v_hat_sum`` :math:`\sum_j \hat v_j`,
+e.g. noise share = sum(noise) / sum(signal + noise) over the last probes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class SecondMomentReading:
     change: float
     settled: bool
     adam_step: int
+    signal: float
+    noise: float
+    v_hat_sum: float
 
 
 class SecondMomentProbe:
@@ -153,6 +158,9 @@ class SecondMomentProbe:
                 change=change,
                 settled=self._settled(name),
                 adam_step=step,
+                signal=float(estimate.grad_sq_norm),
+                noise=noise,
+                v_hat_sum=total,
             )
         return readings
 
