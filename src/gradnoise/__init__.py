@@ -3,14 +3,15 @@
 The public facade. Measurement lives at the top level (``GradStats``, ``GradMoments``,
 ``NoiseScale`` and the quantities); the other layers are subpackages:
 ``gradnoise.estimators`` (Monte Carlo and zeroth-order gradient estimators),
-``gradnoise.optim`` (optimizers), ``gradnoise.rl`` (RL post-training), ``gradnoise.control``
-(controllers), ``gradnoise.workloads`` (built-in offline problems) and ``gradnoise.monitor``
-(records, sinks, report; imported on first use because it pulls in rich and matplotlib).
+``gradnoise.optim`` (optimizers), ``gradnoise.rl`` (RL post-training), ``gradnoise.data``
+(importance sampling and pruning of examples), ``gradnoise.control`` (controllers),
+``gradnoise.workloads`` (built-in offline problems) and ``gradnoise.monitor`` (records, sinks,
+report; imported on first use because it pulls in rich and matplotlib).
 """
 
 import importlib
 
-from gradnoise import control, estimators, layers, optim, rl, stats, workloads
+from gradnoise import control, data, estimators, layers, optim, rl, stats, workloads
 from gradnoise.errors import (
     BatchCouplingError,
     GradNoiseError,
@@ -77,6 +78,7 @@ __all__ = [
     "adam_preconditioner",
     "agreement",
     "control",
+    "data",
     "elementwise_variance",
     "estimators",
     "gradient_noise_scale",

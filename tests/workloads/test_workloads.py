@@ -108,3 +108,19 @@ def test_charlm_holds_out_the_last_tenth_of_the_text():
     tokens, targets = workload.heldout
     assert tokens.shape == targets.shape and tokens.shape[1] == 64
     assert torch.equal(tokens[:, 1:], targets[:, :-1])
+
+
+def test_digit_pool_has_the_requested_difficulty_mix():
+    """4000 draws: shares within 4 binomial standard errors of the requested ones."""
+    from gradnoise.workloads.images import digit_pool
+
+    pool = digit_pool(4000, generator=torch.Generator().manual_seed(0), label_noise=0.1)
+    se = (0.25 * 0.75 / 4000) ** 0.5
+    assert abs(float(pool.hard.float().mean()) - 0.25) < 4 * se
+    assert abs(float(pool.mislabelled.float().mean()) - 0.1) < 4 * (0.09 / 4000) ** 0.5
+    assert bool((pool.labels != pool.true_labels).eq(pool.mislabelled).all())
+    rare = float(torch.isin(pool.true_labels, torch.tensor([8, 9])).float().mean())
+    assert abs(rare - 0.4 / 8.4) < 4 * (0.05 * 0.95 / 4000) ** 0.5
+    assert pool.images.shape == (4000, 1, 12, 12)
+    # hard images carry noise of sd 0.6 against 0.3 (the glyph adds at most ~0.3 of spread)
+    assert float(pool.images[pool.hard].std()) > 1.5 * float(pool.images[~pool.hard].std())
