@@ -127,6 +127,11 @@ def test_unscored_examples_count_with_the_mean_score_and_smoothing_averages_visi
     torch.testing.assert_close(p, want)
     sampler.update([0], torch.tensor([5.0]))
     assert float(sampler.scores[0]) == pytest.approx(3.0)  # 0.5 * 1 + 0.5 * 5
+    sampler.refresh(torch.tensor([4.0, 0.0, 2.0, 2.0]))  # replaces, no smoothing
+    torch.testing.assert_close(
+        sampler.probabilities(),
+        0.5 * torch.tensor([0.5, 0, 0.25, 0.25], dtype=torch.float64) + 0.125,
+    )
 
 
 def test_weights_follow_the_batches_through_a_prefetching_dataloader():
@@ -188,6 +193,8 @@ def test_weighted_gradstats_gives_the_norms_the_variance_reading_needs():
         (lambda: ImportanceSampler(10, 2).update([0, 10], torch.ones(2)), "indices in [0, 10)"),
         (lambda: ImportanceSampler(10, 2).update([0], torch.tensor([-1.0])), "finite scores"),
         (lambda: ImportanceSampler(10, 2).weights([3, 4]), "pending batches"),
+        (lambda: ImportanceSampler(10, 2).refresh(torch.ones(9)), "one score per example (10)"),
+        (lambda: ImportanceSampler(3, 2).refresh(torch.tensor([1, 2, -3.0])), "scores >= 0"),
         (lambda: importance_sampling_variance([1.0], [1.0], 0.0), "at least 2 finite"),
         (lambda: importance_sampling_variance([1.0, 2], [1.0, 1, 1], 0.0), "same length"),
         (lambda: exact_sampling_variance([1.0, 2], [0.2, 0.2], 0.0, 4), "summing to 1"),

@@ -21,7 +21,8 @@ first sum is smallest, by Cauchy-Schwarz, at the optimal proposal
 mean squared norm to the squared mean norm, large when a few examples carry most of the gradient.
 
 The norms move as the model trains, so the sampler works from **stale scores**: each example
-keeps the last norm measured for it (optionally smoothed), and the proposal is mixed with uniform,
+keeps the last norm measured for it (optionally smoothed; :meth:`ImportanceSampler.refresh`
+re-scores all of them on a schedule), and the proposal is mixed with uniform,
 
 .. math::
     p_i = (1-\lambda)\, \frac{s_i}{\sum_j s_j} + \frac{\lambda}{N}.
@@ -30,7 +31,10 @@ Staleness never biases :math:`\hat g` (the weights use the :math:`p_i` the draw 
 it costs variance, and the mixing bounds that cost: :math:`w_i \le 1/\lambda`, so
 :math:`\sum_i \|g_i\|^2 / (N^2 p_i) \le \frac1\lambda \cdot \frac1N \sum_i \|g_i\|^2`, at worst
 1/lambda times uniform's second moment however wrong the scores are. Examples not yet scored get
-the mean of the scored ones.
+the mean of the scored ones. Staleness is worst for examples with small scores: they are drawn
+rarely (about lambda B / N per step), so their scores are rarely renewed while their gradients
+may grow; ``benchmarks/importance_sampling.py`` measures this (scores renewed only on visits can
+make the sampler noisier than uniform) against scheduled refreshes.
 
 :func:`importance_sampling_variance` measures both variances from the batch just drawn, with the
 per-example norms GradStats gives in the same backward; :func:`exact_sampling_variance` computes
@@ -219,6 +223,27 @@ class ImportanceSampler(Sampler[list[int]]):
         old = torch.where(self.scored[index], self.scores[index], values)
         self.scores[index] = self.smoothing * old + (1 - self.smoothing) * values
         self.scored[index] = True
+
+    def refresh(self, scores: torch.Tensor) -> None:
+        """Replace every example's score at once (a scheduled full pass over the data), which
+        ends all staleness; ``update`` then refines them between refreshes."""
+        values = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
+        _require(
+            values.numel() == self.num_examples,
+            "ImportanceSampler.refresh",
+            f"one score per example ({self.num_examples})",
+            f"{values.numel()} scores",
+            "score the whole dataset, e.g. GradStats norms over it in chunks",
+        )
+        _require(
+            bool(torch.isfinite(values).all() and (values >= 0).all()),
+            "ImportanceSampler.refresh",
+            "finite scores >= 0",
+            f"min {float(values.min()):.3g}, non-finite {int((~torch.isfinite(values)).sum())}",
+            "pass norms (sqrt of clamped squared norms) or losses",
+        )
+        self.scores = values.clone()
+        self.scored[:] = True
 
     def state_dict(self) -> dict:
         return {
