@@ -261,7 +261,17 @@ def _public_callables() -> dict[str, object]:
     return found
 
 
-SUBPACKAGES = ["control", "estimators", "optim", "rl", "stats", "monitor", "workloads"]
+SUBPACKAGES = [
+    "control",
+    "data",
+    "estimators",
+    "evaluation",
+    "optim",
+    "rl",
+    "stats",
+    "monitor",
+    "workloads",
+]
 CALL = re.compile(r"\b([A-Za-z_]\w*)\(([^()`]*)\)")
 
 

@@ -19,6 +19,7 @@ RANKS = {
     "estimators": 3,
     "optim": 3,
     "rl": 3,
+    "evaluation": 3,
     "data": 3,
     "control": 4,
     "monitor": 5,

@@ -4,14 +4,15 @@ The public facade. Measurement lives at the top level (``GradStats``, ``GradMome
 ``NoiseScale`` and the quantities); the other layers are subpackages:
 ``gradnoise.estimators`` (Monte Carlo and zeroth-order gradient estimators),
 ``gradnoise.optim`` (optimizers), ``gradnoise.rl`` (RL post-training), ``gradnoise.data``
-(importance sampling and pruning of examples), ``gradnoise.control`` (controllers),
+(importance sampling and pruning of examples), ``gradnoise.evaluation`` (the variance of
+evaluations), ``gradnoise.control`` (controllers),
 ``gradnoise.workloads`` (built-in offline problems) and ``gradnoise.monitor`` (records, sinks,
 report; imported on first use because it pulls in rich and matplotlib).
 """
 
 import importlib
 
-from gradnoise import control, data, estimators, layers, optim, rl, stats, workloads
+from gradnoise import control, data, estimators, evaluation, layers, optim, rl, stats, workloads
 from gradnoise.errors import (
     BatchCouplingError,
     GradNoiseError,
@@ -81,6 +82,7 @@ __all__ = [
     "data",
     "elementwise_variance",
     "estimators",
+    "evaluation",
     "gradient_noise_scale",
     "gsnr",
     "layer_gsnr",

@@ -3,6 +3,7 @@
 gradnoise profile [--workload NAME | --model MODULE:FACTORY] [--steps N] [--batch-size B]
                   [--every K] [--lr LR] [--out DIR] [--no-console] [--seed S]
 gradnoise report DIR
+gradnoise evaluate RESULTS.jsonl [--compare OTHER.jsonl | --systems A,B] [--k 1,5,10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.evaluation.display import renderables
+from gradnoise.evaluation.plots import plot_evaluation
+from gradnoise.evaluation.results import read_results
+from gradnoise.evaluation.summary import summarize
 from gradnoise.monitor.calibrate import (
     CALIBRATION_FILE,
     CalibrationSettings,
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="re-render report.html from DIR/metrics.jsonl")
     report.add_argument("dir")
     _add_calibrate(commands)
+    _add_evaluate(commands)
     return parser
 
 
@@ -189,6 +195,61 @@ def _add_calibrate(commands) -> None:
         help="directory for calibration.json (a profile's report there shows it; default "
         f"{DEFAULTS['out']})",
     )
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="intervals of a benchmark score over items and seeds, paired comparison, pass@k",
+    )
+    evaluate.add_argument(
+        "results",
+        metavar="RESULTS.jsonl",
+        help='one JSON object per line: {"item": id, "score": x} or {"item": id, "correct": '
+        'true}, optionally "system", "seed", "sample" (docs/evaluation.md)',
+    )
+    other = evaluate.add_mutually_exclusive_group()
+    other.add_argument("--compare", metavar="OTHER.jsonl", help="a second system's file")
+    other.add_argument(
+        "--systems",
+        type=lambda text: tuple(text.split(",")),
+        metavar="A,B",
+        help="compare these two systems of the file (default: the two, when it holds two)",
+    )
+    evaluate.add_argument(
+        "--k", type=_ints, default=(1, 5, 10), help="pass@k for these k (default 1,5,10)"
+    )
+    evaluate.add_argument(
+        "--confidence", type=float, default=0.95, help="interval level (default 0.95)"
+    )
+    evaluate.add_argument(
+        "--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    evaluate.add_argument(
+        "--out",
+        default=None,
+        help="directory for RESULTS.evaluation.png (default: the results file's directory)",
+    )
+
+
+def _evaluate(args: argparse.Namespace, console: Console) -> None:
+    results = read_results(args.results)
+    other = read_results(args.compare) if args.compare else None
+    out = check_out_dir(args.out if args.out is not None else results.path.parent)
+    evaluation = summarize(
+        results,
+        other=other,
+        systems=args.systems,
+        ks=args.k,
+        confidence=args.confidence,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    for part in renderables(evaluation):
+        console.print(part)
+    plot = plot_evaluation(evaluation, out / f"{results.path.stem}.evaluation.png")
+    console.print(Text(f"plot: {plot}"))
 
 
 def _workload(args: argparse.Namespace):
@@ -306,7 +367,12 @@ def _calibrate(args: argparse.Namespace, console: Console) -> None:
         console.print(f"report: {write_report(args.out)} (now with the calibration)")
 
 
-COMMANDS = {"profile": "_profile", "report": "_report", "calibrate": "_calibrate"}
+COMMANDS = {
+    "profile": "_profile",
+    "report": "_report",
+    "calibrate": "_calibrate",
+    "evaluate": "_evaluate",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,7 @@ __all__ = [
     "AffineVarianceFit",
     "TailIndex",
     "affine_variance_fit",
+    "exact_t_quantile",
     "hill_tail_index",
 ]
 
@@ -147,7 +148,7 @@ def _t_two_sided_mass(t: float, nu: int) -> float:
     return s * total
 
 
-def _t_quantile(p: float, nu: int) -> float:
+def exact_t_quantile(p: float, nu: int) -> float:
     """p-quantile (p > 1/2) of Student's t with integer nu: exact bisection up to nu = 2000,
     the Cornish-Fisher expansion (A&S 26.7.5, error below 1e-9 there) above."""
     z = NormalDist().inv_cdf(p)
@@ -348,13 +349,13 @@ def affine_variance_fit(
     u = x / scale  # the slope is divided back; t statistics do not depend on the scale
     ones = torch.ones_like(u)
     beta, se, rss = _ols(torch.stack([ones, u], 1), y, robust)
-    t1 = _t_quantile((1.0 + confidence) / 2.0, m - 2)
+    t1 = exact_t_quantile((1.0 + confidence) / 2.0, m - 2)
     b0, s0 = float(beta[0]), float(se[0])
     b1, s1 = float(beta[1]) / scale, float(se[1]) / scale
     tss = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - rss / tss if tss > 0 else 1.0
     beta_q, se_q, _ = _ols(torch.stack([ones, u, u * u], 1), y, robust)
-    t2 = _t_quantile((1.0 + confidence) / 2.0, m - 3)
+    t2 = exact_t_quantile((1.0 + confidence) / 2.0, m - 3)
     c, sc = float(beta_q[2]) / scale**2, float(se_q[2]) / scale**2
 
     fit = dict(
