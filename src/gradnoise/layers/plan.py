@@ -21,7 +21,7 @@ from weakref import WeakKeyDictionary
 
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, UnsupportedModuleError, explain
 from gradnoise.layers.registry import plain_module_types
 from gradnoise.layers.validate import check_module, needs_check
 
@@ -98,6 +98,22 @@ def plan_for(model: nn.Module, fallback: str) -> Plan:
     return plan
 
 
+def _refuse_sharded(name: str, param: nn.Parameter) -> None:
+    """FSDP2 (``fully_shard``) keeps DTensor shards as the parameters and computes with
+    all-gathered copies, so no use of the registered parameter is ever seen: refuse clearly."""
+    if type(param).__name__ == "DTensor" or hasattr(param, "_local_tensor"):
+        raise UnsupportedModuleError(
+            explain(
+                f"GradStats parameter {name!r}",
+                expected="unsharded parameters (a plain model, DDP, or a single device)",
+                got="a DTensor shard (FSDP2 fully_shard or tensor parallelism); the forward "
+                "runs on all-gathered copies GradStats cannot follow",
+                fix="measure under DDP (gradnoise.stats.NoiseScaleHook) or on an unsharded "
+                "replica; per-example statistics under FSDP2 are not supported yet",
+            )
+        )
+
+
 def plan_coverage(model: nn.Module, fallback: str) -> Plan:
     """Track every trainable parameter of ``model`` (see the module docstring)."""
     plan = Plan(fallback=fallback)
@@ -109,6 +125,7 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
             if param is not None:
                 plan.slots.append((module, local, param, param.requires_grad))
     for name, param in model.named_parameters():
+        _refuse_sharded(name, param)
         if param.requires_grad:
             plan.names[id(param)] = name
             plan.params[name] = param
