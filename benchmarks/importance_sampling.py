@@ -31,7 +31,8 @@ estimates (``importance_sampling_variance``), averaged over the steps before eac
 against the exact values. Verdict per method: variance reduction >= 2x from the second
 checkpoint on, and final pool / held-out loss within the seed spread of uniform or better.
 
-    python benchmarks/importance_sampling.py [--quick] [--seeds 3] [--out benchmarks/results]
+    python benchmarks/importance_sampling.py [--quick] [--seeds 3] [--tasks images,regression]
+        [--refresh-every 128] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -236,9 +237,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--refresh-every", type=int, default=REFRESH)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    global REFRESH
+    REFRESH = args.refresh_every
     steps = 128 if args.quick else STEPS
     seeds = list(range(1 if args.quick else args.seeds))
     torch.set_num_threads(2)
@@ -255,6 +259,8 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     out = "importance_sampling" + ("_quick" if args.quick else "")
+    if REFRESH != 128:
+        out += f"_refresh{REFRESH}"
     previous = args.out / f"{out}.json"
     if previous.exists():  # --tasks reruns some tasks: keep the others' results
         kept = json.loads(previous.read_text())["tasks"]
