@@ -237,12 +237,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--refresh-every", type=int, default=REFRESH)
+    parser.add_argument("--refresh-every", type=int, default=None, help="default 128")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     global REFRESH
-    REFRESH = args.refresh_every
+    REFRESH = args.refresh_every or REFRESH
     steps = 128 if args.quick else STEPS
     seeds = list(range(1 if args.quick else args.seeds))
     torch.set_num_threads(2)
