@@ -174,16 +174,20 @@ def train(method: str, lr: float, seed: int, data: dict, steps: int, measure: bo
         optimizer.step()
         # measure first: at a refresh step the proposal is at its stalest, so the exact
         # variance reported is the worst of the refresh cycle (and half-way at EVERY = 64)
+        pool_sq_norms = None
         if (measure and step % EVERY == 0) or step == steps:
-            curve.append(checkpoint(model, sampler, data, step, window, method))
+            point, pool_sq_norms = checkpoint(model, sampler, data, step, window, method)
+            curve.append(point)
             window = []
         if method == "importance_refresh" and step % REFRESH == 0:
-            norms = pool_statistics(model, images, labels, loss_fn)[0].clamp_min(0).sqrt()
-            sampler.refresh(norms)
+            if pool_sq_norms is None:  # a checkpoint at this step already scored the pool
+                pool_sq_norms = pool_statistics(model, images, labels, loss_fn)[0]
+            sampler.refresh(pool_sq_norms.clamp_min(0).sqrt())
     return {"curve": curve, "final_pool_loss": curve[-1]["pool_loss"]}
 
 
-def checkpoint(model, sampler, data, step, window, method) -> dict:
+def checkpoint(model, sampler, data, step, window, method) -> tuple[dict, torch.Tensor]:
+    """The measurements at one step, and every pool example's squared gradient norm."""
     sq_norms, full_sq, pool_loss = pool_statistics(model, *data["pool"], data["loss"])
     heldout_loss, heldout_acc = evaluate(model, *data["heldout"], data["loss"])
     point = {
@@ -205,7 +209,7 @@ def checkpoint(model, sampler, data, step, window, method) -> dict:
                 "importance": statistics.fmean(r.importance for r in window),
                 "uniform": statistics.fmean(r.uniform for r in window),
             }
-    return point
+    return point, sq_norms
 
 
 def spread(values: list[float]) -> dict:

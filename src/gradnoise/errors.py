@@ -1,4 +1,4 @@
-"""Exception types and one helper that writes messages in the expected / got / how-to-fix form.
+"""Exception types and the helpers that write messages in the expected / got / how-to-fix form.
 
 Every error raised by gradnoise says three things: what was expected, what was given, and what the
 user can do about it. ``explain`` builds that message so the three parts always appear in the same
@@ -14,6 +14,7 @@ __all__ = [
     "NotReadyError",
     "UnsupportedModuleError",
     "explain",
+    "require",
 ]
 
 
@@ -42,3 +43,9 @@ def explain(what: str, *, expected: str, got: str, fix: str) -> str:
     """Return ``"<what>: expected <expected>, got <got>. <fix>"`` with consistent punctuation."""
     fix = fix.rstrip(".") + "."
     return f"{what}: expected {expected}, got {got}. {fix[0].upper()}{fix[1:]}"
+
+
+def require(ok: bool, what: str, expected: str, got: str, fix: str) -> None:
+    """Raise ``GradNoiseError(explain(what, ...))`` unless ``ok``: a check in one call."""
+    if not ok:
+        raise GradNoiseError(explain(what, expected=expected, got=got, fix=fix))

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, explain, require
 
 __all__ = [
     "ImportanceSampler",
@@ -59,11 +59,6 @@ __all__ = [
     "exact_sampling_variance",
     "importance_sampling_variance",
 ]
-
-
-def _require(ok: bool, where: str, expected: str, got: str, fix: str) -> None:
-    if not ok:
-        raise GradNoiseError(explain(where, expected=expected, got=got, fix=fix))
 
 
 @dataclass(frozen=True)
@@ -104,28 +99,28 @@ class ImportanceSampler(Sampler[list[int]]):
         num_batches: int | None = None,
         seed: int = 0,
     ) -> None:
-        _require(
+        require(
             isinstance(num_examples, int) and num_examples > 0,
             "ImportanceSampler(num_examples=...)",
             "a positive int",
             repr(num_examples),
             "pass len(dataset)",
         )
-        _require(
+        require(
             isinstance(batch_size, int) and batch_size > 0,
             "ImportanceSampler(batch_size=...)",
             "a positive int",
             repr(batch_size),
             "e.g. 32",
         )
-        _require(
+        require(
             isinstance(mix, (int, float)) and 0 < mix <= 1,
             "ImportanceSampler(mix=...)",
             "a number in (0, 1] (the uniform share; weights stay <= 1/mix)",
             repr(mix),
             "e.g. 0.2; mix=0 would let a stale zero score give an example infinite weight",
         )
-        _require(
+        require(
             isinstance(smoothing, (int, float)) and 0 <= smoothing < 1,
             "ImportanceSampler(smoothing=...)",
             "a number in [0, 1)",
@@ -135,7 +130,7 @@ class ImportanceSampler(Sampler[list[int]]):
         self.num_examples, self.batch_size = num_examples, batch_size
         self.mix, self.smoothing = float(mix), float(smoothing)
         self.num_batches = num_batches if num_batches is not None else num_examples // batch_size
-        _require(
+        require(
             isinstance(self.num_batches, int) and self.num_batches > 0,
             "ImportanceSampler(num_batches=...)",
             "a positive int (batches per pass)",
@@ -199,27 +194,21 @@ class ImportanceSampler(Sampler[list[int]]):
         """Record scores (e.g. per-example gradient norms, >= 0) for the examples ``indices``."""
         index = torch.as_tensor(indices, dtype=torch.long).flatten()
         values = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
-        _require(
+        require(
             values.shape == index.shape,
             "ImportanceSampler.update",
             f"one score per index ({index.numel()})",
             f"{values.numel()} scores",
             "pass the batch's (B,) norms, e.g. stats.total_sq_norms().sqrt()",
         )
-        _require(
+        require(
             bool(((index >= 0) & (index < self.num_examples)).all()),
             "ImportanceSampler.update",
             f"indices in [0, {self.num_examples})",
             f"range [{int(index.min())}, {int(index.max())}]",
             "pass indices into the dataset the sampler was built for",
         )
-        _require(
-            bool(torch.isfinite(values).all() and (values >= 0).all()),
-            "ImportanceSampler.update",
-            "finite scores >= 0",
-            f"min {float(values.min()):.3g}, non-finite {int((~torch.isfinite(values)).sum())}",
-            "pass norms (sqrt of clamped squared norms) or losses, not log-probabilities",
-        )
+        _check_scores(values, "ImportanceSampler.update")
         old = torch.where(self.scored[index], self.scores[index], values)
         self.scores[index] = self.smoothing * old + (1 - self.smoothing) * values
         self.scored[index] = True
@@ -228,20 +217,14 @@ class ImportanceSampler(Sampler[list[int]]):
         """Replace every example's score at once (a scheduled full pass over the data), which
         ends all staleness; ``update`` then refines them between refreshes."""
         values = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
-        _require(
+        require(
             values.numel() == self.num_examples,
             "ImportanceSampler.refresh",
             f"one score per example ({self.num_examples})",
             f"{values.numel()} scores",
             "score the whole dataset, e.g. GradStats norms over it in chunks",
         )
-        _require(
-            bool(torch.isfinite(values).all() and (values >= 0).all()),
-            "ImportanceSampler.refresh",
-            "finite scores >= 0",
-            f"min {float(values.min()):.3g}, non-finite {int((~torch.isfinite(values)).sum())}",
-            "pass norms (sqrt of clamped squared norms) or losses",
-        )
+        _check_scores(values, "ImportanceSampler.refresh")
         self.scores = values.clone()
         self.scored[:] = True
 
@@ -257,9 +240,19 @@ class ImportanceSampler(Sampler[list[int]]):
         self.generator.set_state(state["generator"])
 
 
+def _check_scores(values: torch.Tensor, where: str) -> None:
+    require(
+        bool(torch.isfinite(values).all() and (values >= 0).all()),
+        where,
+        "finite scores >= 0",
+        f"min {float(values.min()):.3g}, non-finite {int((~torch.isfinite(values)).sum())}",
+        "pass norms (sqrt of clamped squared norms) or losses, not log-probabilities",
+    )
+
+
 def _as_vector(values, where: str, name: str) -> torch.Tensor:
     tensor = torch.as_tensor(values).detach().to(torch.float64).flatten()
-    _require(
+    require(
         tensor.numel() >= 2 and bool(torch.isfinite(tensor).all()),
         where,
         f"{name}: at least 2 finite numbers",
@@ -291,7 +284,7 @@ def importance_sampling_variance(
     where = "importance_sampling_variance"
     norms = _as_vector(sq_norms, where, "sq_norms")
     w = _as_vector(weights, where, "weights")
-    _require(
+    require(
         norms.shape == w.shape,
         where,
         "sq_norms and weights of the same length",
@@ -319,7 +312,7 @@ def exact_sampling_variance(
     where = "exact_sampling_variance"
     norms = _as_vector(sq_norms, where, "sq_norms")
     p = _as_vector(probabilities, where, "probabilities")
-    _require(
+    require(
         norms.shape == p.shape and bool((p > 0).all()) and abs(float(p.sum()) - 1) < 1e-6,
         where,
         "one probability > 0 per example, summing to 1",

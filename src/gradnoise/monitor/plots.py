@@ -99,24 +99,32 @@ def plot_norms(steps: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _interval_dots(ax, rows: list, *, empty: str, reference: float, dashed: bool = False) -> None:
+    """One row per layer: ``(name, value, low, high, red)`` as a dot on its interval, red rows
+    in red, in the order given, with a vertical line at ``reference``."""
+    if not rows:
+        ax.text(0.5, 0.5, empty, ha="center")
+        ax.set_axis_off()
+        return
+    names = [row[0] for row in rows]
+    colors = ["tab:red" if row[4] else "tab:blue" for row in rows]
+    ax.hlines(names, [row[2] for row in rows], [row[3] for row in rows], colors=colors)
+    ax.scatter([row[1] for row in rows], names, s=9, c=colors, zorder=3)
+    ax.axvline(reference, color="k", lw=0.8, ls="--" if dashed else "-")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=6)
+
+
 def _tail_dots(ax, layers: list) -> None:
     """Hill alpha per layer with its 90% interval; alpha <= 2 (left of the line) is an
     infinite-variance tail."""
-    if not layers:
-        ax.text(0.5, 0.5, "no per-layer norms recorded", ha="center")
-        ax.set_axis_off()
-        return
-    names = [name for name, _ in layers]
-    heavy = ["tab:red" if t.heavy else "tab:blue" for _, t in layers]
-    ax.hlines(names, [t.low for _, t in layers], [t.high for _, t in layers], colors=heavy)
-    ax.scatter([t.alpha for _, t in layers], names, s=9, c=heavy, zorder=3)
-    ax.axvline(2, color="k", lw=0.8, ls="--")
-    ax.invert_yaxis()
-    ax.tick_params(axis="y", labelsize=6)
-    ax.set(
-        xlabel="tail index alpha (Hill, largest 10%; red: interval below 2)",
-        title="Late tail index per layer, heaviest first",
-    )
+    rows = [(name, t.alpha, t.low, t.high, t.heavy) for name, t in layers]
+    _interval_dots(ax, rows, empty="no per-layer norms recorded", reference=2, dashed=True)
+    if rows:
+        ax.set(
+            xlabel="tail index alpha (Hill, largest 10%; red: interval below 2)",
+            title="Late tail index per layer, heaviest first",
+        )
 
 
 def plot_affine(steps: list[dict], path: Path) -> Path:
@@ -151,23 +159,10 @@ def plot_affine(steps: list[dict], path: Path) -> Path:
 
 
 def _slope_dots(ax, layers: list) -> None:
-    if not layers:
-        ax.text(0.5, 0.5, "no per-layer estimates recorded", ha="center")
-        ax.set_axis_off()
-        return
-    names = [name for name, _ in layers]
-    colors = ["tab:blue" if f.holds else "tab:red" for _, f in layers]
-    ax.hlines(
-        names,
-        [f.sigma1_sq_low for _, f in layers],
-        [f.sigma1_sq_high for _, f in layers],
-        colors=colors,
-    )
-    ax.scatter([f.sigma1_sq for _, f in layers], names, s=9, c=colors, zorder=3)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.invert_yaxis()
-    ax.tick_params(axis="y", labelsize=6)
-    ax.set(xlabel="slope sigma1^2 (90% interval; red: affine model fails)", title="Per layer")
+    rows = [(n, f.sigma1_sq, f.sigma1_sq_low, f.sigma1_sq_high, not f.holds) for n, f in layers]
+    _interval_dots(ax, rows, empty="no per-layer estimates recorded", reference=0)
+    if rows:
+        ax.set(xlabel="slope sigma1^2 (90% interval; red: affine model fails)", title="Per layer")
 
 
 def _histogram(ax, values: list[float], *, label: str) -> None:

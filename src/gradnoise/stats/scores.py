@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import require
 
 __all__ = ["ExampleScores", "class_logit_input_grads"]
 
@@ -54,7 +54,7 @@ class ExampleScores:
     def __init__(
         self, num_examples: int, *, sketch_dim: int | None = None, seed: int = 0, device=None
     ) -> None:
-        _require(
+        require(
             isinstance(num_examples, int) and num_examples > 0,
             "ExampleScores(num_examples=...)",
             "a positive int",
@@ -62,7 +62,7 @@ class ExampleScores:
             "pass len(dataset)",
         )
         ok = sketch_dim is None or (isinstance(sketch_dim, int) and sketch_dim > 0)
-        _require(
+        require(
             ok,
             "ExampleScores(sketch_dim=...)",
             "None or a positive int",
@@ -105,7 +105,7 @@ class ExampleScores:
         """Add one checkpoint's per-example gradient vectors ``grads`` (B, ...) of ``ids``."""
         _check_batch("grads", ids, grads)
         flat = grads.detach().reshape(len(ids), -1).to(torch.float64)
-        _require(
+        require(
             self._dim is None or flat.shape[1] == self._dim,
             "ExampleScores.update_vog",
             f"vectors of dimension {self._dim} (as at the first checkpoint)",
@@ -135,7 +135,7 @@ class ExampleScores:
 
     def values(self, score: str) -> torch.Tensor:
         """The ``(N,)`` tensor of one score (NaN where undefined)."""
-        _require(
+        require(
             score in SCORES, "ExampleScores score", f"one of {SCORES}", repr(score), "e.g. 'vog'"
         )
         if score == "vog":
@@ -151,7 +151,7 @@ class ExampleScores:
         self, score: str, k: int, *, largest: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ids and values of the ``k`` highest (or lowest) defined scores."""
-        _require(
+        require(
             isinstance(k, int) and k > 0,
             "ExampleScores.top_k(k=...)",
             "a positive int",
@@ -167,7 +167,7 @@ class ExampleScores:
         integer = ids.dtype in (torch.int32, torch.int64)
         if not integer or (len(ids) and bool((ids.min() < 0) | (ids.max() >= self.num_examples))):
             got = f"dtype {ids.dtype}" if not integer else f"ids in [{ids.min()}, {ids.max()}]"
-            _require(
+            require(
                 False,
                 "ExampleScores ids",
                 f"integer ids in [0, {self.num_examples})",
@@ -175,7 +175,7 @@ class ExampleScores:
                 "pass each example's index in the dataset (e.g. return it from __getitem__)",
             )
         duplicated = unique and len(torch.unique(ids)) != len(ids)
-        _require(
+        require(
             not duplicated,
             "ExampleScores.update_vog ids",
             "distinct ids within one call",
@@ -216,15 +216,10 @@ def class_logit_input_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 def _check_batch(name: str, ids: torch.Tensor, values: torch.Tensor) -> None:
-    _require(
+    require(
         ids.dim() == 1 and values.shape[:1] == ids.shape,
         f"ExampleScores {name}",
         f"a leading dimension equal to the number of ids ({tuple(ids.shape)})",
         str(tuple(values.shape)),
         "pass one value (or vector) per example id, in the same order",
     )
-
-
-def _require(ok: bool, what: str, expected: str, got: str, fix: str) -> None:
-    if not ok:
-        raise GradNoiseError(explain(what, expected=expected, got=got, fix=fix))
