@@ -21,6 +21,7 @@ RANKS = {
     "rl": 3,
     "evaluation": 3,
     "data": 3,
+    "sampled": 3,
     "control": 4,
     "monitor": 5,
     "cli": 6,
