@@ -12,6 +12,11 @@ need no watching), and fixes each one's fallback strategy by type: ``loop`` for 
 layers, whose kernels ``vmap`` cannot batch, ``vmap`` for every other module.
 
 Frozen parameters (``requires_grad=False``) are listed as skipped.
+
+FSDP2 shards (``fully_shard``) are tracked through the unsharded parameters their forward
+computes with (:mod:`gradnoise.layers.sharding`): the plan maps each one to the shard's name as
+soon as FSDP has created it (:meth:`Plan.follow_unsharded`). Other DTensor parameters (tensor
+parallelism) are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 
 from gradnoise.errors import GradNoiseError, UnsupportedModuleError, explain
 from gradnoise.layers.registry import plain_module_types
+from gradnoise.layers.sharding import ShardedParam, is_dtensor, sharded_params
 from gradnoise.layers.validate import check_module, needs_check
 
 __all__ = [
@@ -73,6 +79,23 @@ class Plan:
     # parameter, and the modules whose mode is checked at every block (BatchNorm, RNNs, MHA)
     slots: list[tuple[nn.Module, str, nn.Parameter, bool]] = field(default_factory=list)
     checked: list[tuple[str, nn.Module]] = field(default_factory=list)
+    # FSDP2: name -> the shard and its unsharded parameter; names per FSDP module (by id)
+    sharded: dict[str, ShardedParam] = field(default_factory=dict)
+    sharded_by_owner: dict[int, list[str]] = field(default_factory=dict)
+
+    def follow_unsharded(self, names: list[str]) -> list[str]:
+        """Track the unsharded parameters FSDP2 has created for ``names`` (shards' names) in
+        place of what was tracked before; returns the names whose tensor changed."""
+        changed = []
+        for name in names:
+            unsharded = self.sharded[name].unsharded
+            if unsharded is None or self.params[name] is unsharded:
+                continue
+            self.names.pop(id(self.params[name]), None)
+            self.names[id(unsharded)] = name
+            self.params[name] = unsharded
+            changed.append(name)
+        return changed
 
     def is_current(self) -> bool:
         """Whether no parameter was swapped, reloaded, frozen or unfrozen since the plan was
@@ -98,20 +121,19 @@ def plan_for(model: nn.Module, fallback: str) -> Plan:
     return plan
 
 
-def _refuse_sharded(name: str, param: nn.Parameter) -> None:
-    """FSDP2 (``fully_shard``) keeps DTensor shards as the parameters and computes with
-    all-gathered copies, so no use of the registered parameter is ever seen: refuse clearly."""
-    if type(param).__name__ == "DTensor" or hasattr(param, "_local_tensor"):
-        raise UnsupportedModuleError(
-            explain(
-                f"GradStats parameter {name!r}",
-                expected="unsharded parameters (a plain model, DDP, or a single device)",
-                got="a DTensor shard (FSDP2 fully_shard or tensor parallelism); the forward "
-                "runs on all-gathered copies GradStats cannot follow",
-                fix="measure under DDP (gradnoise.stats.NoiseScaleHook) or on an unsharded "
-                "replica; per-example statistics under FSDP2 are not supported yet",
-            )
+def _refuse_unfollowed_dtensor(name: str) -> None:
+    """A DTensor parameter FSDP2 does not manage (tensor parallelism): each rank computes with a
+    slice of the weight, so its per-example norms are partial in a way GradStats cannot see."""
+    raise UnsupportedModuleError(
+        explain(
+            f"GradStats parameter {name!r}",
+            expected="plain parameters or FSDP2 (fully_shard) shards",
+            got="a DTensor parameter that FSDP2 does not manage (tensor parallelism?): each "
+            "rank computes with a slice of it",
+            fix="measure a data-parallel (DDP or FSDP2) copy of the model; tensor-parallel "
+            "layers are not supported",
         )
+    )
 
 
 def plan_coverage(model: nn.Module, fallback: str) -> Plan:
@@ -124,13 +146,20 @@ def plan_coverage(model: nn.Module, fallback: str) -> Plan:
         for local, param in module._parameters.items():
             if param is not None:
                 plan.slots.append((module, local, param, param.requires_grad))
+    shards = sharded_params(model)
     for name, param in model.named_parameters():
-        _refuse_sharded(name, param)
+        if is_dtensor(param):
+            if id(param) not in shards:
+                _refuse_unfollowed_dtensor(name)
+            if param.requires_grad:
+                shard = plan.sharded[name] = shards[id(param)]
+                plan.sharded_by_owner.setdefault(id(shard.owner), []).append(name)
         if param.requires_grad:
             plan.names[id(param)] = name
             plan.params[name] = param
         else:
             plan.frozen.append(name)
+    plan.follow_unsharded(list(plan.sharded))
     if not plan.params:
         raise GradNoiseError(
             explain(

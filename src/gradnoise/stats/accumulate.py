@@ -33,6 +33,7 @@ class Accumulator:
         shared = pieces.per_example is not None
         self._grad_sq: torch.Tensor | None = None if shared else sq_norm(self.grad)
         self._recompute = pieces.recompute
+        self._dropped = False  # see drop_grad
         self.unsure = [] if pieces.unsure is None else [pieces.unsure]
 
     def release(self) -> None:
@@ -45,9 +46,25 @@ class Accumulator:
         if self._recompute is not None:
             self.grad = None
 
+    def drop_grad(self) -> None:
+        """Forget the summed gradient for good (an FSDP2 shard's: FSDP reduce-scatters and
+        frees it), keeping its squared norm."""
+        self.grad_sq_norm()
+        self.grad, self._recompute, self._dropped = None, None, True
+
     def summed_grad(self) -> torch.Tensor:
         """``sum_i g_i`` in autograd's scale."""
         if self.grad is None:
+            if self._dropped:
+                raise GradNoiseError(
+                    explain(
+                        "GradStats.moments() of an FSDP2-sharded parameter",
+                        expected="a parameter whose summed gradient GradStats keeps",
+                        got="a shard whose local gradient FSDP reduce-scattered and freed",
+                        fix="use gradnoise.stats.fsdp.gather_sharded(stats) for the statistics "
+                        "of all ranks' examples (norms, noise scale per parameter)",
+                    )
+                )
             self.grad = self._recompute()
         return self.grad
 

@@ -164,29 +164,22 @@ class NoiseScaleHook:
         the module docstring). Call it on every rank right after ``backward()``, before the
         gradients are clipped or zeroed: the big-batch norms are read from ``param.grad``.
         """
-        _check_record(self._pending is not None, local_batch_size)
+        check_record("NoiseScaleHook", self._pending is not None, local_batch_size)
         self._check_accumulation(local_batch_size)
-        b = float(local_batch_size)
         local = self._pending.to(torch.float64)
-        if self.loss_reduction == "sum":
-            local = local / (b * b)  # this rank's mean-loss gradient
-        sizes = torch.tensor([1.0 / b, b], dtype=torch.float64, device=local.device)
-        buffer = torch.cat([local, sizes])
-        dist.all_reduce(buffer, group=self.group)
-        inverse_sum, total = buffer[-2:].tolist()  # the one host sync
-        harmonic = self.world_size / inverse_sum
-        small = buffer[:-2] / self.world_size
         names, big = self._reduced_norms()
-        if self.loss_reduction == "sum":  # the reduced gradient is (N / W) times the mean
-            big_batch, big = total, big / (total / self.world_size) ** 2
-        else:
-            big_batch = harmonic * self.world_size
         position = {name: i for i, name in enumerate(names)}
         order = [n for n in self._names.values() if n in position]  # the module's order
         index = torch.tensor([position[n] for n in order])
-        small_norms = dict(zip(order, small[index].unbind(), strict=True))
-        big_norms = dict(zip(order, big[index].unbind(), strict=True))
-        return TwoBatchNorms(small_norms, harmonic, big_norms, big_batch)
+        return two_batch_from_rank_sums(
+            order,
+            local[index],
+            float(local_batch_size),
+            world_size=self.world_size,
+            group=self.group,
+            loss_reduction=self.loss_reduction,
+            big=big[index],
+        )
 
     def _check_accumulation(self, local_batch_size: int) -> None:
         """Refuse the per-micro-batch size after several forward passes (``no_sync()``)."""
@@ -219,11 +212,53 @@ class NoiseScaleHook:
         return names, big.to(torch.float64).pow(2)
 
 
-def _check_record(pending: bool, local_batch_size: int) -> None:
+def two_batch_from_rank_sums(
+    names: list[str],
+    local: torch.Tensor,
+    local_batch_size: float,
+    *,
+    world_size: int,
+    group: dist.ProcessGroup | None,
+    loss_reduction: str,
+    big: torch.Tensor | None = None,
+    big_partial: torch.Tensor | None = None,
+) -> TwoBatchNorms:
+    """The record from this rank's ``(P,)`` squared local-gradient norms (float64).
+
+    The reduced gradient (the mean over ranks, as DDP's all-reduce and FSDP2's reduce-scatter
+    compute it) comes as ``big``, its squared norms (the same on every rank), or as
+    ``big_partial``, this rank's part of them (its shard's), summed over ranks here. One
+    ``all_reduce`` of the local norms, the batch sizes and any partial norms; batch sizes as in
+    the module docstring (harmonic mean H and W H, or H and N for a sum loss).
+    """
+    b = local_batch_size
+    if loss_reduction == "sum":
+        local = local / (b * b)  # this rank's mean-loss gradient
+    sizes = torch.tensor([1.0 / b, b], dtype=torch.float64, device=local.device)
+    parts = [local] if big_partial is None else [local, big_partial.to(local)]
+    buffer = torch.cat([*parts, sizes])
+    dist.all_reduce(buffer, group=group)
+    inverse_sum, total = buffer[-2:].tolist()  # the one host sync
+    harmonic = world_size / inverse_sum
+    count = len(names)
+    small = buffer[:count] / world_size
+    if big_partial is not None:
+        big = buffer[count : 2 * count]
+    if loss_reduction == "sum":  # the reduced gradient is (N / W) times the mean
+        big_batch, big = total, big / (total / world_size) ** 2
+    else:
+        big_batch = harmonic * world_size
+    small_norms = dict(zip(names, small.unbind(), strict=True))
+    big_norms = dict(zip(names, big.unbind(), strict=True))
+    return TwoBatchNorms(small_norms, harmonic, big_norms, big_batch)
+
+
+def check_record(where: str, pending: bool, local_batch_size: int) -> None:
+    """The checks of ``record(local_batch_size=...)`` shared by the DDP and FSDP2 hooks."""
     if not (isinstance(local_batch_size, int) and local_batch_size > 0):
         raise GradNoiseError(
             explain(
-                "NoiseScaleHook.record(local_batch_size=...)",
+                f"{where}.record(local_batch_size=...)",
                 expected="a positive int (examples per rank in this step)",
                 got=repr(local_batch_size),
                 fix="pass the per-rank batch size, e.g. len(x)",
@@ -232,8 +267,8 @@ def _check_record(pending: bool, local_batch_size: int) -> None:
     if not pending:
         raise NotReadyError(
             explain(
-                "NoiseScaleHook.record",
-                expected="a DDP backward pass since the last record",
+                f"{where}.record",
+                expected="a synchronized backward pass since the last record",
                 got="no synchronized backward (or record() called twice)",
                 fix="call record() once per step, after loss.backward() outside no_sync()",
             )

@@ -293,6 +293,8 @@ class GradStats:
             acc = recorder.acc.get(name)
             unused = "skipped: no gradient (unused in the forward pass)"
             report[name] = acc.method() if acc is not None else unused
+            if acc is not None and name in self._plan.sharded:
+                report[name] += " (FSDP2 shard)"
         for name in self._plan.frozen:
             report[name] = "skipped: frozen (requires_grad=False)"
         return report

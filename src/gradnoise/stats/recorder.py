@@ -79,11 +79,17 @@ class Recorder:
         self.suspended = False
         self._handles: list[RemovableHandle] = []
         self._mode: RuleMode | None = None
+        self.stale_shards: list[str] = []
 
     def install(self) -> None:
         """Register the gradient hooks, the module hooks and the function mode."""
+        # FSDP2 shards holding a gradient already: their reduced .grad will not be this block's
+        self.stale_shards = [n for n, s in self.plan.sharded.items() if s.sharded.grad is not None]
         for name, param in self.plan.params.items():
-            self._handles.append(param.register_hook(self._grad_hook(name)))
+            if name not in self.plan.sharded or self.plan.sharded[name].unsharded is param:
+                self._handles.append(param.register_hook(self._grad_hook(name)))
+        for owner, names in self._sharded_owners():
+            self._handles.append(owner.register_forward_pre_hook(self._follow_hook(names)))
         for hooked in self.plan.hooked:
             module = hooked.module
             pre_hook, post_hook = self._module_hooks(hooked)
@@ -367,18 +373,43 @@ class Recorder:
             self.acc[name] = Accumulator(pieces)
 
     def _grad_hook(self, name: str):
+        sharded = name in self.plan.sharded
+
         def hook(grad: torch.Tensor) -> None:
             acc = self.acc.get(name)
             if acc is not None and grad is acc.grad:
                 # autograd passed on the very tensor the rule returned: no other contribution
                 self.residuals[name] = None
                 acc.release()
-                return None
-            measured = acc.summed_grad() if acc is not None else torch.zeros_like(grad)
-            self.residuals[name] = (sq_norm(grad.float() - measured.float()), sq_norm(grad.float()))
+            else:
+                measured = acc.summed_grad() if acc is not None else torch.zeros_like(grad)
+                residual = sq_norm(grad.float() - measured.float())
+                self.residuals[name] = (residual, sq_norm(grad.float()))
+            if sharded and acc is not None:
+                acc.drop_grad()  # FSDP reduce-scatters and frees it; keeping it costs a copy
             return None
 
         return hook
+
+    def _sharded_owners(self) -> list[tuple[torch.nn.Module, list[str]]]:
+        """FSDP2 modules whose shards have no unsharded parameter yet (before the first
+        all-gather), with those shards' names."""
+        pending: dict[int, tuple[torch.nn.Module, list[str]]] = {}
+        for name, shard in self.plan.sharded.items():
+            if shard.unsharded is None:
+                pending.setdefault(id(shard.owner), (shard.owner, []))[1].append(name)
+        return list(pending.values())
+
+    def _follow_hook(self, names: list[str]):
+        """Runs after FSDP's own pre-forward hook (FSDP prepends it), so the unsharded
+        parameters exist: track them and hook their gradients."""
+
+        def pre_hook(module, args) -> None:
+            for name in self.plan.follow_unsharded(names):
+                param = self.plan.params[name]
+                self._handles.append(param.register_hook(self._grad_hook(name)))
+
+        return pre_hook
 
     # ----------------------------------------------------------------------------- checks
     def check_residuals(self) -> None:
