@@ -313,8 +313,8 @@ def test_two_batch_hook_refuses_misuse(ranks):
         "NotReadyError: FSDPNoiseScaleHook.record: expected a synchronized backward pass"
     )
     assert errors["accumulated"].startswith(
-        "GradNoiseError: FSDPNoiseScaleHook.record: expected one forward and backward per "
-        "measured step, got 2 forward passes"
+        "GradNoiseError: FSDPNoiseScaleHook.record: expected a step whose sharded gradients "
+        "hold one backward (zeroed before it), got gradients accumulated over several"
     )
     assert errors["plain_model"].startswith(
         "GradNoiseError: FSDPNoiseScaleHook: expected a module with fully_shard applied"

@@ -1,6 +1,8 @@
 """The noise-over-time examples run and print what they promise (in-process, to save start-up)."""
 
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,14 @@ def test_example_runs(name, capsys):
     printed = capsys.readouterr().out
     for text in EXPECTED[name]:
         assert text in printed
+
+
+def test_fsdp_example_runs_on_two_processes():
+    """It spawns its own processes, so it runs as a script (runpy cannot pickle its worker)."""
+    script = ROOT / "examples" / "fsdp_noise_scale.py"
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in ("per-example (GradStats): B_simple", "two-batch hook: B_simple", "over 12 steps"):
+        assert text in done.stdout

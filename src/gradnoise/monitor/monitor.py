@@ -14,6 +14,12 @@ Example::
 
 Every ``every``-th step runs inside :class:`~gradnoise.stats.engine.GradStats`; the others run
 untouched. Host syncs (``.item()``, ``.tolist()``) happen only on measured steps.
+
+On several processes (a ``torch.distributed`` process group of more than one rank, as DDP,
+Accelerate and the HF Trainer set up) every rank measures its own examples and the measured
+steps' statistics are merged across ranks (:class:`~gradnoise.stats.distributed.MergedStats`), so
+the noise scale is the global batch's; only rank 0 writes files and the console. Every rank must
+create the monitor and step it alike (the merge is a collective).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
@@ -32,6 +39,7 @@ from gradnoise.monitor.noise import NoiseScale
 from gradnoise.monitor.records import clean, step_record
 from gradnoise.monitor.sinks import Sink, make_sinks
 from gradnoise.monitor.timing import overhead_summary
+from gradnoise.stats.distributed import MergedStats
 from gradnoise.stats.engine import GradStats
 
 __all__ = ["Monitor", "StepHandle"]
@@ -63,6 +71,8 @@ class Monitor:
             GSNR does not need them, so they are off by default).
         beta: smoothing of the running noise scale (per measured step).
         report: write plots and report.html on :meth:`close`.
+        merge_ranks: merge every measured step over the ranks of the default process group
+            (``None``: whenever one of more than one rank is initialized); rank 0 writes.
 
     Raises:
         GradNoiseError: at construction, before anything is written, for a bad ``every`` or
@@ -82,6 +92,7 @@ class Monitor:
         elementwise: bool = False,
         beta: float = 0.9,
         report: bool = True,
+        merge_ranks: bool | None = None,
     ) -> None:
         check_every(every)
         if not isinstance(model, nn.Module):
@@ -97,7 +108,9 @@ class Monitor:
         # batch_first=False layers, ...) now, not at the first measured step: building the
         # engine checks every module.
         GradStats(model, elementwise=elementwise)
-        self.out = check_out_dir(out) if out is not None else None
+        self.merge_ranks = _several_ranks() if merge_ranks is None else bool(merge_ranks)
+        writes = not self.merge_ranks or dist.get_rank() == 0
+        self.out = check_out_dir(out) if out is not None and writes else None
         self.model, self.every, self.elementwise, self.report = model, every, elementwise, report
         self.noise = NoiseScale(beta=beta)
         self.records: list[dict] = []
@@ -105,7 +118,7 @@ class Monitor:
         self.meta: dict = {}
         self.coverage: dict[str, str] | None = None
         self._sinks: list[Sink] = make_sinks(self.out, tensorboard=tensorboard) if self.out else []
-        self._view = ConsoleView(total_steps) if console else None
+        self._view = ConsoleView(total_steps) if console and writes else None
         self._step, self._started, self._stats, self._t0 = 0, None, None, None
         self._plain: list[float] = []
         self._measured: list[float] = []
@@ -167,7 +180,7 @@ class Monitor:
             self._view.tick(self._step, record, self.records)
         return record
 
-    def _finite(self, stats: GradStats) -> bool:
+    def _finite(self, stats: GradStats | MergedStats) -> bool:
         """Whether the measured step's gradients are finite (one sync; measured steps only)."""
         try:
             norms = stats.total_sq_norms()
@@ -176,6 +189,8 @@ class Monitor:
         return bool(torch.isfinite(norms).all())
 
     def _measure(self, stats: GradStats, extras: dict) -> dict | None:
+        if self.merge_ranks:
+            stats = MergedStats(stats)
         if not self._finite(stats):
             # An inf/NaN step (fp16 overflow, a bad batch) is counted, never averaged in.
             self.noise.skip()
@@ -240,6 +255,10 @@ class Monitor:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _StepContext:

@@ -29,7 +29,7 @@ from torch import nn
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers.sharding import ShardedParam, sharded_params
-from gradnoise.stats.distributed import check_record, two_batch_from_rank_sums
+from gradnoise.stats.distributed import check_record, gather_ragged, two_batch_from_rank_sums
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
 from gradnoise.stats.twobatch import TwoBatchNorms
@@ -62,6 +62,17 @@ class ShardedStats:
         total = torch.stack(list(self.sq_norm_sums.values())).sum()
         summed = torch.stack(list(self.grad_sq_norms.values())).sum()
         return noise_scale_from_sums(self.n, total, summed)
+
+    def layer_estimates(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        r"""Per parameter, the unbiased ``(names, tr Sigma, |G|^2)`` as float64 vectors (what
+        :class:`~gradnoise.stats.running.NoiseScale` averages):
+        :math:`\mathrm{tr}\Sigma = (S - \|s\|^2/n)/(n-1)`, :math:`\|G\|^2 = \|s\|^2/n^2 -
+        \mathrm{tr}\Sigma/n`."""
+        names, n = list(self.sq_norm_sums), self.n
+        sums = torch.stack([self.sq_norm_sums[k] for k in names]).to(torch.float64)
+        summed = torch.stack([self.grad_sq_norms[k] for k in names]).to(torch.float64)
+        traces = (sums - summed / n) / (n - 1)
+        return names, traces, summed / n**2 - traces / n
 
     def noise_scale_per_layer(self) -> dict[str, NoiseScaleEstimate]:
         """B_simple of every parameter separately."""
@@ -104,7 +115,7 @@ def gather_sharded(stats: GradStats, *, group: dist.ProcessGroup | None = None) 
     batch_sizes = tuple(round(b) for b in buffer[2 * count :].tolist())  # the one host sync
     factor = _sum_factor(stats.loss_reduction, batch_sizes)
     summed = (buffer[count : 2 * count] * factor**2).unbind()
-    per_example = _gather_ragged(stats.total_sq_norms(), batch_sizes, group)
+    per_example = gather_ragged(stats.total_sq_norms(), batch_sizes, group=group)
     return ShardedStats(
         per_example=per_example,
         sq_norm_sums=dict(zip(names, buffer[:count].unbind(), strict=True)),
@@ -184,16 +195,6 @@ def _sum_factor(loss_reduction: str, batch_sizes: tuple[int, ...]) -> float:
     return float(sum(batch_sizes))
 
 
-def _gather_ragged(local: torch.Tensor, sizes: tuple[int, ...], group) -> torch.Tensor:
-    """All ranks' ``(b_r,)`` vectors, concatenated in rank order (padded to the largest)."""
-    longest = max(sizes)
-    padded = local.new_zeros(longest)
-    padded[: local.numel()] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
-
-
 class FSDPNoiseScaleHook:
     """Two-batch gradient norms from an FSDP2 step (see the module docstring).
 
@@ -226,7 +227,7 @@ class FSDPNoiseScaleHook:
         self._shards = shards  # name -> ShardedParam, in the module's order
         self._hooked: dict[str, torch.Tensor] = {}  # name -> the unsharded parameter hooked
         self._local: dict[str, torch.Tensor] = {}  # name -> local squared norm, last backward
-        self._forwards = 0
+        self._accumulating = False  # this step's gradient adds onto an earlier backward's
         owners: dict[int, tuple[nn.Module, list[str]]] = {}
         for name, shard in shards.items():
             owners.setdefault(id(shard.owner), (shard.owner, []))[1].append(name)
@@ -262,7 +263,8 @@ class FSDPNoiseScaleHook:
         return hook
 
     def _count_forward(self, module, args) -> None:
-        self._forwards += 1
+        """A forward that starts while shards hold a gradient accumulates onto it."""
+        self._accumulating = any(s.sharded.grad is not None for s in self._shards.values())
 
     def record(self, *, local_batch_size: int) -> TwoBatchNorms:
         """The last step's :class:`TwoBatchNorms` (per parameter); clears it for the next step.
@@ -271,15 +273,14 @@ class FSDPNoiseScaleHook:
         zeroed: the big-batch norms are read from the shards' ``.grad``.
         """
         check_record("FSDPNoiseScaleHook", bool(self._local), local_batch_size)
-        if self._forwards > 1:
+        if self._accumulating:
             raise GradNoiseError(
                 explain(
                     "FSDPNoiseScaleHook.record",
-                    expected="one forward and backward per measured step",
-                    got=f"{self._forwards} forward passes since the last record (gradient "
-                    "accumulation)",
-                    fix="record every micro-batch's step, or measure with GradStats and "
-                    "gather_sharded",
+                    expected="a step whose sharded gradients hold one backward (zeroed before it)",
+                    got="gradients accumulated over several backward passes",
+                    fix="record steps without gradient accumulation, or measure with GradStats "
+                    "and gather_sharded",
                 )
             )
         names = list(self._shards)
@@ -287,7 +288,6 @@ class FSDPNoiseScaleHook:
         local = torch.stack([self._local.get(n, zero) for n in names])
         reduced = torch.stack([_reduced_sq_norm(self._shards[n]) for n in names])
         self._local.clear()
-        self._forwards = 0
         return two_batch_from_rank_sums(
             names,
             local,

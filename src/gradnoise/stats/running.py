@@ -44,13 +44,14 @@ from gradnoise.stats.averaging import (
     student_quantile,
 )
 from gradnoise.stats.engine import GradStats
+from gradnoise.stats.fsdp import ShardedStats
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import trace_covariance, two_batch_estimates
 from gradnoise.stats.twobatch import TwoBatchNorms
 
 __all__ = ["NoiseScale", "NoiseScaleReading", "step_estimates"]
 
-Source = GradStats | Mapping[str, GradMoments] | GradMoments | TwoBatchNorms
+Source = GradStats | Mapping[str, GradMoments] | GradMoments | TwoBatchNorms | ShardedStats
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,10 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
 
     A bare :class:`GradMoments` gives one entry named ``""``.
     """
-    if isinstance(source, GradStats):
-        source = source.moments()
+    if isinstance(source, ShardedStats):
+        return source.layer_estimates()
+    if isinstance(source, GradStats) or callable(getattr(source, "moments", None)):
+        source = source.moments()  # GradStats, or MergedStats of several ranks
     if isinstance(source, GradMoments):
         source = {"": source}
     if isinstance(source, TwoBatchNorms):
@@ -179,7 +182,8 @@ class NoiseScale:
         self._avg.push(nothing, zz, torch.zeros((), dtype=torch.bool, device=device))
 
     def update(self, source: Source) -> None:
-        """Add one step's record: GradStats, ``{name: GradMoments}``, GradMoments, TwoBatchNorms."""
+        """Add one step's record: GradStats, ``{name: GradMoments}``, GradMoments, TwoBatchNorms,
+        or the ShardedStats of an FSDP2 step."""
         names, traces, sqs = step_estimates(source)
         if self._names is not None and names != self._names and set(names) == set(self._names):
             order = torch.tensor([names.index(n) for n in self._names], device=traces.device)
