@@ -163,7 +163,10 @@ def test_rank_merge_equals_one_big_batch(ddp_results, reference):
 
 
 def test_hook_errors(ddp_results):
-    assert "NoiseScaleHook.record: expected a synchronized backward pass" in ddp_results[0]["not_ready"]
+    assert (
+        "NoiseScaleHook.record: expected a synchronized backward pass"
+        in ddp_results[0]["not_ready"]
+    )
     assert "expected a process group of at least 2 ranks" in ddp_results[0]["world_one"]
     assert "single process use GradStats or MicroBatchNorms" in ddp_results[0]["world_one"]
     assert "got parameters of dtype torch.float16" in ddp_results[0]["half"]
