@@ -178,6 +178,28 @@ def _tensor_parallel_linear() -> nn.Module:
     return layer
 
 
+def _monitored(rank: int, out: str) -> dict:
+    """The Monitor on the sharded model: every step measured and merged over the ranks; a NaN
+    batch on rank 1 only at step 1 must be skipped by both ranks (no hang, no mismatch)."""
+    from gradnoise.monitor.monitor import Monitor
+
+    model = _shard(_model())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, every=1, out=f"{out}.monitor{rank}", report=False, tensorboard=False)
+    for step in range(STEPS + 1):
+        x, y = _data(step if step < 1 else step - 1)
+        xs, ys = _local(x, rank, (LOCAL,) * WORLD), _local(y, rank, (LOCAL,) * WORLD)
+        if step == 1 and rank == 1:
+            xs = torch.full_like(xs, float("nan"))
+        optimizer.zero_grad()
+        with monitor.step():
+            F.cross_entropy(model(xs), ys).backward()
+        if step != 1:
+            optimizer.step()
+    monitor.close()
+    return {"records": monitor.records, "skipped": monitor.skipped_steps}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -186,6 +208,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             "sum_uneven": _train_steps(rank, "sum", sizes=(LOCAL, LOCAL - 1)),
             "two_batch": _two_batch_steps(rank),
             "refusals": _refusals(rank),
+            "monitor": _monitored(rank, out),
         }
         torch.save(result, f"{out}.{rank}")
     finally:
@@ -359,3 +382,27 @@ def test_gather_refuses_what_it_cannot_combine(ranks, case, start, detail):
         message = result["refusals"][case]
         assert message.startswith(start), message
         assert detail in message
+
+
+def test_monitor_merges_the_ranks_and_skips_a_non_finite_step_together(ranks):
+    from gradnoise.monitor.monitor import Monitor
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, every=1, report=False, tensorboard=False)
+    for step in range(STEPS):
+        x, y = _data(step)
+        optimizer.zero_grad()
+        with monitor.step():
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    for result in ranks:
+        assert result["monitor"]["skipped"] == 1
+        records = result["monitor"]["records"]
+        assert len(records) == len(monitor.records) == STEPS
+        for got, want in zip(records, monitor.records, strict=True):
+            assert got["batch_size"] == want["batch_size"] == WORLD * LOCAL
+            for key in ("trace_sigma", "grad_sq_norm", "b_batch"):
+                _close(got[key], want[key])
+            for name, norms in want["layer_example_norms"].items():
+                _close(got["layer_example_norms"][name], norms, rtol=1e-3)  # stored to 4 digits

@@ -17,7 +17,7 @@ untouched. Host syncs (``.item()``, ``.tolist()``) happen only on measured steps
 
 On several processes (a ``torch.distributed`` process group of more than one rank, as DDP,
 Accelerate and the HF Trainer set up) every rank measures its own examples and the measured
-steps' statistics are merged across ranks (:class:`~gradnoise.stats.distributed.MergedStats`), so
+steps' statistics are merged across ranks (:class:`~gradnoise.stats.merged.MergedStats`), so
 the noise scale is the global batch's; only rank 0 writes files and the console. Every rank must
 create the monitor and step it alike (the merge is a collective).
 """
@@ -39,8 +39,8 @@ from gradnoise.monitor.noise import NoiseScale
 from gradnoise.monitor.records import clean, step_record
 from gradnoise.monitor.sinks import Sink, make_sinks
 from gradnoise.monitor.timing import overhead_summary
-from gradnoise.stats.distributed import MergedStats
 from gradnoise.stats.engine import GradStats
+from gradnoise.stats.merged import MergedStats
 
 __all__ = ["Monitor", "StepHandle"]
 

@@ -2,9 +2,9 @@ r"""torch.distributed: merge moments across ranks and measure the noise scale in
 
 **Rank merge.** Every field of :class:`GradMoments` is a sum, so the records of all ranks combine
 exactly with one ``all_reduce(SUM)`` of their concatenation (:func:`all_reduce_moments`).
-:class:`MergedStats` does that for a whole ``GradStats`` under DDP (each rank's GradStats sees its
-local examples before DDP's all-reduce) and gathers the per-example norms, so a monitor on every
-rank reads the statistics of all ranks' examples: those of one process on the same data.
+:class:`gradnoise.stats.merged.MergedStats` does that for a whole ``GradStats`` under DDP (each
+rank's GradStats sees its local examples before DDP's all-reduce) and gathers the per-example
+norms, so a monitor on every rank reads the statistics of all ranks' examples.
 
 **DDP communication hook** (the idea of k-diffusion's ``DDPGradientStatsHook``, made general).
 With ``W`` ranks each holding the mean gradient :math:`g_r` of ``b`` local examples, DDP averages
@@ -46,12 +46,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, NonFiniteGradientError, NotReadyError, explain
+from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import NoiseScaleEstimate, gradient_noise_scale
 from gradnoise.stats.twobatch import TwoBatchNorms
 
-__all__ = ["MergedStats", "NoiseScaleHook", "all_reduce_moments", "gather_ragged"]
+__all__ = ["NoiseScaleHook", "all_reduce_moments", "gather_ragged"]
 
 Preconditioner = Callable[[], Mapping[str, torch.Tensor] | None]
 
@@ -76,71 +75,6 @@ def all_reduce_moments(
             offset += field.numel()
         merged[name] = _from_fields(parts, moments[name].elem_sq_sum is not None)
     return merged
-
-
-class MergedStats:
-    """The reading side of ``GradStats`` (moments, per-example norms, noise scale, batch size,
-    coverage) over the examples of every rank.
-
-    Built on every rank after the block's backward, with three collectives: the ranks' batch
-    sizes, one ``all_reduce`` of the moments (the size of the gradient, as DDP's own), and one
-    ``all_gather`` of the ``(P, B)`` per-example squared norms. A rank whose gradients are not
-    finite contributes NaN, so every rank sees the same (non-finite) step and skips it together.
-    Per-example norms are in rank order, rank 0's examples first.
-    """
-
-    def __init__(self, stats, *, group: dist.ProcessGroup | None = None) -> None:
-        self._coverage = stats.coverage
-        moments, norms = _local_readings(stats)
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        sizes = torch.zeros(world, dtype=torch.float64)
-        sizes[rank] = next(iter(norms.values())).numel()
-        dist.all_reduce(sizes, group=group)
-        self.batch_sizes = tuple(round(b) for b in sizes.tolist())
-        self._moments = all_reduce_moments(moments, group=group)
-        rows = gather_ragged(torch.stack(list(norms.values())), self.batch_sizes, group=group)
-        self._norms = dict(zip(norms, rows.unbind(), strict=True))
-
-    @property
-    def batch_size(self) -> int:
-        """Examples on all ranks."""
-        return sum(self.batch_sizes)
-
-    def moments(self) -> dict[str, GradMoments]:
-        return dict(self._moments)
-
-    def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
-        return dict(self._norms)
-
-    def total_sq_norms(self) -> torch.Tensor:
-        return torch.stack(list(self._norms.values())).sum(0)
-
-    def noise_scale(self) -> NoiseScaleEstimate:
-        return gradient_noise_scale(self._moments)
-
-    def coverage(self) -> dict[str, str]:
-        return self._coverage()
-
-
-def _local_readings(stats) -> tuple[dict[str, GradMoments], dict[str, torch.Tensor]]:
-    """This rank's moments and per-example norms; NaN-filled ones where they are not finite
-    (the residual check refuses non-finite gradients), so the collectives still match."""
-    try:
-        return stats.moments(), stats.per_example_sq_norms()
-    except NonFiniteGradientError:
-        nan = float("nan")
-        params = {name: p for name, p in stats._plan.params.items() if name in stats._recorder.acc}
-        batch = stats._recorder.batch
-        moments = {
-            name: GradMoments(
-                batch,
-                torch.full(p.shape, nan, dtype=torch.float32, device=p.device),
-                torch.tensor(nan, device=p.device),
-            )
-            for name, p in params.items()
-        }
-        norms = {name: torch.full((batch,), nan, device=p.device) for name, p in params.items()}
-        return moments, norms
 
 
 def gather_ragged(

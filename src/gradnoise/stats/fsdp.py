@@ -27,30 +27,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, NotReadyError, explain
+from gradnoise.errors import GradNoiseError, NonFiniteGradientError, NotReadyError, explain
 from gradnoise.layers.sharding import ShardedParam, sharded_params
 from gradnoise.stats.distributed import check_record, gather_ragged, two_batch_from_rank_sums
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
 from gradnoise.stats.twobatch import TwoBatchNorms
 
-__all__ = ["FSDPNoiseScaleHook", "ShardedStats", "gather_sharded"]
+__all__ = ["FSDPNoiseScaleHook", "ShardedStats", "gather_sharded", "local_norm_rows"]
 
 
 @dataclass(frozen=True)
 class ShardedStats:
-    """One step's statistics over the examples of every rank.
+    r"""One step's statistics over the examples of every rank.
 
     ``per_example`` holds the ``(N,)`` whole-model squared per-example gradient norms, rank 0's
-    examples first; ``sq_norm_sums[name]`` is :math:`\\sum_i \\|g_i\\|^2` and
-    ``grad_sq_norms[name]`` :math:`\\|\\sum_i g_i\\|^2` of each parameter, over all N examples
-    (per-example scale). ``batch_sizes`` are the ranks' local batch sizes.
+    examples first (and ``per_parameter`` each parameter's, when gathered); ``sq_norm_sums[name]``
+    is :math:`\sum_i \|g_i\|^2` and ``grad_sq_norms[name]`` :math:`\|\sum_i g_i\|^2` of each
+    parameter, over all N examples (per-example scale). ``batch_sizes`` are the ranks' local
+    batch sizes. A rank whose gradients were not finite contributes NaN.
     """
 
     per_example: torch.Tensor
     sq_norm_sums: dict[str, torch.Tensor]
     grad_sq_norms: dict[str, torch.Tensor]
     batch_sizes: tuple[int, ...]
+    per_parameter: dict[str, torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -82,16 +84,20 @@ class ShardedStats:
         }
 
 
-def gather_sharded(stats: GradStats, *, group: dist.ProcessGroup | None = None) -> ShardedStats:
+def gather_sharded(
+    stats: GradStats, *, group: dist.ProcessGroup | None = None, per_parameter: bool = False
+) -> ShardedStats:
     """Combine every rank's ``GradStats`` of an FSDP2 model into all ranks' statistics.
 
-    Call it on every rank after the block's ``backward()`` (FSDP2 has then reduce-scattered the
-    gradients into the shards), before the gradients are clipped, zeroed or stepped on. The
-    shards' ``.grad`` must hold this step's gradient only: zero them with ``set_to_none=True``
-    (the default) before the block. A mean loss needs the same local batch size on every rank
-    (FSDP2 then averages local means into the global mean); a sum loss may have uneven batches.
+    Call it on every rank after the block's ``backward()`` (the shards' norms are taken when
+    FSDP2 reduce-scatters, so an optimizer step or ``zero_grad()`` in between does no harm).
+    The shards must hold no gradient before the block (``zero_grad()`` with
+    ``set_to_none=True``, the default). A mean loss needs the same local batch size on every
+    rank (FSDP2 then averages local means into the global mean); a sum loss may have uneven
+    batches. ``per_parameter=True`` also gathers each parameter's per-example norms (one
+    ``(P, B)`` gather instead of ``(B,)``).
     """
-    sharded = _sharded_of(stats)
+    _sharded_of(stats)
     if stats.loss_reduction == "weighted":
         raise GradNoiseError(
             explain(
@@ -101,27 +107,40 @@ def gather_sharded(stats: GradStats, *, group: dist.ProcessGroup | None = None) 
                 fix="gather the weighted records with all_reduce_moments on an unsharded copy",
             )
         )
-    norms = stats.per_example_sq_norms()  # runs the residual checks
-    names = list(norms)
+    names = list(stats._plan.params)  # the same on every rank, used here or not
+    local = local_norm_rows(stats, names)
     _require_fresh_shards(stats, names)
+    shard_sq = torch.stack([_shard_sq_norm(stats, n) for n in names]).to(local.device)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    local_sums = torch.stack([norms[n].sum() for n in names]).to(torch.float64)
-    shard_sq = torch.stack([_shard_sq_norm(sharded[n]) for n in names])
-    sizes = torch.zeros(world, dtype=torch.float64, device=local_sums.device)
-    sizes[rank] = stats.batch_size
-    buffer = torch.cat([local_sums, shard_sq, sizes])
+    sizes = torch.zeros(world, dtype=torch.float64, device=local.device)
+    sizes[rank] = local.shape[1]
+    buffer = torch.cat([local.sum(1).to(torch.float64), shard_sq, sizes])
     dist.all_reduce(buffer, group=group)
     count = len(names)
     batch_sizes = tuple(round(b) for b in buffer[2 * count :].tolist())  # the one host sync
     factor = _sum_factor(stats.loss_reduction, batch_sizes)
     summed = (buffer[count : 2 * count] * factor**2).unbind()
-    per_example = gather_ragged(stats.total_sq_norms(), batch_sizes, group=group)
+    rows = gather_ragged(local if per_parameter else local.sum(0), batch_sizes, group=group)
     return ShardedStats(
-        per_example=per_example,
+        per_example=rows.sum(0) if per_parameter else rows,
         sq_norm_sums=dict(zip(names, buffer[:count].unbind(), strict=True)),
         grad_sq_norms=dict(zip(names, summed, strict=True)),
         batch_sizes=batch_sizes,
+        per_parameter=dict(zip(names, rows.unbind(), strict=True)) if per_parameter else None,
     )
+
+
+def local_norm_rows(stats: GradStats, names: list[str]) -> torch.Tensor:
+    """``(P, B)`` squared per-example norms of ``names`` on this rank: zeros for a parameter
+    unused here, NaN everywhere when the gradients are not finite (so every rank still takes
+    part in the collectives and sees the step as non-finite)."""
+    try:
+        norms = stats.per_example_sq_norms()  # runs the residual checks
+    except NonFiniteGradientError:
+        batch = stats._recorder.batch
+        return torch.full((len(names), batch), float("nan"))
+    like = next(iter(norms.values()))
+    return torch.stack([norms[n] if n in norms else torch.zeros_like(like) for n in names])
 
 
 def _sharded_of(stats: GradStats) -> dict[str, ShardedParam]:
@@ -164,18 +183,24 @@ def _require_fresh_shards(stats: GradStats, names: list[str]) -> None:
         )
 
 
-def _shard_sq_norm(shard: ShardedParam) -> torch.Tensor:
-    grad = shard.local_grad
-    if grad is None:
+def _shard_sq_norm(stats: GradStats, name: str) -> torch.Tensor:
+    """||this rank's shard of the reduced gradient||^2, taken when FSDP2 reduce-scattered it
+    (0 for a parameter no rank used: FSDP2 reduces nothing for it)."""
+    recorder = stats._recorder
+    norm = recorder.shard_sq_norms.get(name)
+    if norm is not None:
+        return norm
+    if name in recorder.acc:
         raise NotReadyError(
             explain(
                 "gather_sharded",
-                expected="the shard's reduced gradient after backward",
-                got="a shard with no .grad",
-                fix="call gather_sharded after loss.backward(), before zero_grad()",
+                expected="FSDP2's reduce-scatter of every measured parameter in the block",
+                got=f"no reduced gradient of {name!r} (gradient sync off: "
+                "set_requires_gradient_sync(False))",
+                fix="measure a step whose backward synchronizes gradients",
             )
         )
-    return torch.linalg.vector_norm(grad, dtype=torch.float64).pow(2)
+    return torch.zeros((), dtype=torch.float64)
 
 
 def _sum_factor(loss_reduction: str, batch_sizes: tuple[int, ...]) -> float:

@@ -80,11 +80,16 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._mode: RuleMode | None = None
         self.stale_shards: list[str] = []
+        self.shard_sq_norms: dict[str, torch.Tensor] = {}  # ||reduced shard||^2, FSDP2 only
 
     def install(self) -> None:
         """Register the gradient hooks, the module hooks and the function mode."""
         # FSDP2 shards holding a gradient already: their reduced .grad will not be this block's
         self.stale_shards = [n for n, s in self.plan.sharded.items() if s.sharded.grad is not None]
+        for name, shard in self.plan.sharded.items():
+            if shard.sharded.requires_grad:
+                hook = self._shard_hook(name)
+                self._handles.append(shard.sharded.register_post_accumulate_grad_hook(hook))
         for name, param in self.plan.params.items():
             if name not in self.plan.sharded or self.plan.sharded[name].unsharded is param:
                 self._handles.append(param.register_hook(self._grad_hook(name)))
@@ -388,6 +393,16 @@ class Recorder:
             if sharded and acc is not None:
                 acc.drop_grad()  # FSDP reduce-scatters and frees it; keeping it costs a copy
             return None
+
+        return hook
+
+    def _shard_hook(self, name: str):
+        """FSDP2 calls it right after the reduce-scatter: the shard's squared norm is kept, so
+        the statistics survive an optimizer step and ``zero_grad()`` before they are read."""
+
+        def hook(shard: torch.Tensor) -> None:
+            local = shard.grad.to_local()
+            self.shard_sq_norms[name] = torch.linalg.vector_norm(local, dtype=torch.float64).pow(2)
 
         return hook
 

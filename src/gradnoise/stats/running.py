@@ -88,10 +88,10 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
 
     A bare :class:`GradMoments` gives one entry named ``""``.
     """
-    if isinstance(source, ShardedStats):
-        return source.layer_estimates()
-    if isinstance(source, GradStats) or callable(getattr(source, "moments", None)):
-        source = source.moments()  # GradStats, or MergedStats of several ranks
+    if callable(getattr(source, "layer_estimates", None)):
+        return source.layer_estimates()  # ShardedStats, MergedStats: all ranks' examples
+    if isinstance(source, GradStats):
+        source = source.moments()
     if isinstance(source, GradMoments):
         source = {"": source}
     if isinstance(source, TwoBatchNorms):
