@@ -8,6 +8,9 @@ Install transformers, then::
 Every optimizer step is one monitor step; one in ``every`` runs under GradStats. GradStats sees
 one backward per block, so ``gradient_accumulation_steps`` must be 1. The model's loss must be the
 mean over the batch. The Trainer does not hand the loss to callbacks, so records carry no loss.
+
+On several processes (``torchrun``, Accelerate) the :class:`Monitor` merges each measured step
+over the ranks, so the series is the global batch's, and only rank 0 writes ``out``.
 """
 
 from __future__ import annotations
