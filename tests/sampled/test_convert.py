@@ -64,22 +64,32 @@ def test_converter_errors():
     assert type(model.head) is nn.Linear  # refused calls changed nothing
 
 
+def _own_budget(layer, fraction):
+    return next(
+        (f for f in sorted(layer.curve) if layer.curve[f] <= fraction * layer.sgd_noise), 1.0
+    )
+
+
 def test_the_rule_picks_the_smallest_budget_under_the_fraction():
     model, batch = _gpt()
     sample_linears(model, 0.3)
-    chosen = choose_budgets(model, lambda: lm_loss(model, *batch), fraction=0.5)
+    closure = lambda: lm_loss(model, *batch)  # noqa: E731
+    alone = choose_budgets(model, closure, fraction=0.2, share=False)
+    assert len({alone[f"blocks.0.{n}"].budget for n in "qkv"}) > 1  # sharing below is a change
     assert all(layer.budget == 0.3 for layer in sampled_layers(model).values())  # restored
-    assert len(chosen) == 7
-    for layer in chosen.values():
-        grid = sorted(layer.curve)
-        assert layer.sgd_noise > 0
+    assert len(alone) == 7
+    for layer in alone.values():
+        own = 1.0 if layer.input_saved_elsewhere else _own_budget(layer, 0.2)
+        assert layer.sgd_noise > 0 and layer.budget == own
         if layer.budget < 1:
-            assert layer.curve[layer.budget] <= 0.5 * layer.sgd_noise
-            assert layer.ratio <= 0.5
-        smaller = [f for f in grid if f < layer.budget]
-        assert all(layer.curve[f] > 0.5 * layer.sgd_noise for f in smaller)
-    strict = choose_budgets(model, lambda: lm_loss(model, *batch), fraction=1e-9)
-    assert all(layer.budget == 1.0 for layer in strict.values())
+            assert layer.curve[layer.budget] <= 0.2 * layer.sgd_noise and layer.ratio <= 0.2
+    # q, k and v read one LayerNorm output: shared, they get the largest of their budgets
+    shared = choose_budgets(model, closure, fraction=0.2)
+    qkv = max(alone[f"blocks.0.{n}"].budget for n in "qkv")
+    assert all(shared[f"blocks.0.{n}"].budget == qkv for n in "qkv")
+    assert all(shared[n].budget == alone[n].budget for n in alone if n[-1] not in "qkv")
+    strict = choose_budgets(model, closure, fraction=1e-9)
+    assert all(layer.budget == 1.0 and layer.added == 0.0 for layer in strict.values())
 
 
 def test_the_rule_measures_the_sgd_noise_gradstats_gives():
@@ -96,10 +106,27 @@ def test_the_rule_measures_the_sgd_noise_gradstats_gives():
 
 def test_record_rows_returns_each_layers_input_and_output_gradient():
     model, batch = _gpt()
-    _, rows = record_rows(model, lambda: lm_loss(model, *batch))
-    a, g = rows["head"]
+    recording = record_rows(model, lambda: lm_loss(model, *batch))
+    a, g = recording.rows["head"]
     assert a.shape == (4, 8, 16) and g.shape == (4, 8, 20)
     assert torch.allclose(g.flatten(0, 1).T @ a.flatten(0, 1), model.head.weight.grad, atol=1e-6)
+    assert recording.stats.batch_size == 4
+
+
+def test_layers_whose_input_another_op_saves_stay_exact():
+    """SDPA saves its output, which the output projection reads through a view: sampling `o`
+    would free nothing, so the rule leaves it exact. Likewise after tanh (its backward uses its
+    output), not after SiLU (its backward uses its input)."""
+    model, batch = _gpt()
+    recording = record_rows(model, lambda: lm_loss(model, *batch))
+    assert recording.saved_elsewhere == {"blocks.0.o"}
+    chosen = choose_budgets(model, lambda: lm_loss(model, *batch), fraction=0.99)
+    assert chosen["blocks.0.o"].budget == 1.0 and chosen["blocks.0.o"].input_saved_elsewhere
+    assert chosen["head"].budget < 1 and not chosen["head"].input_saved_elsewhere
+    x = torch.randn(16, 3)
+    for activation, expected in ((nn.Tanh(), {"2"}), (nn.SiLU(), set())):
+        mlp = nn.Sequential(nn.Linear(3, 8), activation, nn.Linear(8, 1))
+        assert record_rows(mlp, lambda m=mlp: m(x).pow(2).mean()).saved_elsewhere == expected
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,13 @@
   gradient scale, reweighted to stay unbiased.
 """
 
-from gradnoise.sampled.budget import DEFAULT_GRID, LayerBudget, choose_budgets, record_rows
+from gradnoise.sampled.budget import (
+    DEFAULT_GRID,
+    LayerBudget,
+    Recording,
+    choose_budgets,
+    record_rows,
+)
 from gradnoise.sampled.convert import sample_linears, sampled_layers, unsample_linears
 from gradnoise.sampled.linear import SampledLinear
 from gradnoise.sampled.rows import (
@@ -29,6 +35,7 @@ __all__ = [
     "METHODS",
     "PROPOSALS",
     "LayerBudget",
+    "Recording",
     "SampledLinear",
     "TimestepSampler",
     "added_variance",

@@ -11,7 +11,10 @@ from the batch's activations and output gradients). The rule keeps the smallest 
     V_l(f) \le \text{fraction} \cdot \mathrm{tr}\,\Sigma_l / B,
 
 so the sampled gradient's total variance is at most :math:`(1 + \text{fraction})` times the
-exact one, layer by layer (1.0, the exact layer, when no grid value qualifies). One exact forward
+exact one, layer by layer (1.0, the exact layer, when no grid value qualifies). Layers that read
+the same input tensor (q, k, v) save one shared sample only if their budgets agree, so with
+``share=True`` each such group gets the largest budget of its members (which only lowers their
+added variance). One exact forward
 and backward under GradStats measures everything; rerun it as training moves the ratio.
 """
 
@@ -29,21 +32,25 @@ from gradnoise.sampled.rows import METHODS, PROPOSALS, added_variance
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.quantities import trace_covariance
 
-__all__ = ["DEFAULT_GRID", "LayerBudget", "choose_budgets", "record_rows"]
+__all__ = ["DEFAULT_GRID", "LayerBudget", "Recording", "choose_budgets", "record_rows"]
 
-DEFAULT_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass(frozen=True)
 class LayerBudget:
     r"""One layer's choice: ``budget`` (kept fraction), ``sgd_noise`` :math:`\mathrm{tr}\,\Sigma/B`,
-    ``added`` :math:`V(f)` at that budget and ``curve`` (``{f: V(f)}`` over the grid)."""
+    ``added`` :math:`V(f)` at that budget, ``curve`` (``{f: V(f)}`` over the grid), and
+    ``input_saved_elsewhere``: another op saves this layer's input anyway (the output projection
+    after ``scaled_dot_product_attention``, which saves its output), so sampling would free no
+    memory; such layers get budget 1.0."""
 
     name: str
     budget: float
     sgd_noise: float
     added: float
     curve: dict[float, float]
+    input_saved_elsewhere: bool = False
 
     @property
     def ratio(self) -> float:
@@ -51,36 +58,85 @@ class LayerBudget:
         return self.added / self.sgd_noise if self.sgd_noise > 0 else float("inf")
 
 
-def record_rows(model: nn.Module, closure: Callable[[], torch.Tensor]):
-    """Run ``closure()`` (a mean loss) and its backward exactly under GradStats.
+@dataclass(frozen=True)
+class Recording:
+    """What :func:`record_rows` saw: the step's GradStats, ``rows`` ``{name: (activations,
+    output_grads)}`` of every linear layer, and the names of those whose input storage autograd
+    also saves for an op outside any linear layer."""
 
-    Returns ``(stats, rows)``: the GradStats of the step and ``{name: (activations,
-    output_grads)}`` of every ``nn.Linear`` submodule (SampledLinear layers run exactly here).
-    Gradients accumulate into ``.grad`` as in any backward.
+    stats: GradStats
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    saved_elsewhere: frozenset[str]
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def record_rows(model: nn.Module, closure: Callable[[], torch.Tensor]) -> Recording:
+    """Run ``closure()`` (a mean loss) and its backward exactly under GradStats, recording every
+    ``nn.Linear`` submodule's input and output gradient (SampledLinear layers run exactly here).
+
+    A second forward, without GradStats and without backward, finds the layers whose input
+    storage autograd also saves for an op outside any linear layer. Gradients accumulate into
+    ``.grad`` as in any backward.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
     rows: dict[str, list] = {}
 
-    def hook(name):
-        def capture(module, inputs, output):
+    def capture(name):
+        def hook(module, inputs, output):
             rows[name] = [inputs[0].detach(), None]
             output.register_hook(lambda grad: rows[name].__setitem__(1, grad.detach()))
 
-        return capture
+        return hook
 
     saved = {n: m.budget for n, m in linears.items() if isinstance(m, SampledLinear)}
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
     try:
         for name in saved:
             linears[name].budget = 1.0
-        with GradStats(model) as stats:
-            closure().backward()
+        elsewhere = _inputs_saved_elsewhere(linears, closure)
+        handles = [m.register_forward_hook(capture(n)) for n, m in linears.items()]
+        try:
+            with GradStats(model) as stats:
+                closure().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+    finally:
+        for name, budget in saved.items():
+            linears[name].budget = budget
+    done = {name: tuple(pair) for name, pair in rows.items() if pair[1] is not None}
+    return Recording(stats, done, elsewhere & set(done))
+
+
+def _inputs_saved_elsewhere(linears: dict[str, nn.Module], closure) -> frozenset[str]:
+    """Names of the linear layers whose input storage autograd saves, in one forward of
+    ``closure``, for an op that runs outside every linear layer."""
+    depth, outside, inputs = [0], set(), {}
+
+    def pack(tensor):
+        if not depth[0]:
+            outside.add(_storage(tensor))
+        return tensor
+
+    def enter(name):
+        def hook(module, args):
+            depth[0] += 1
+            inputs[name] = _storage(args[0])
+
+        return hook
+
+    leave = lambda *_: depth.__setitem__(0, depth[0] - 1)  # noqa: E731
+    handles = [m.register_forward_pre_hook(enter(n)) for n, m in linears.items()]
+    handles += [m.register_forward_hook(leave) for m in linears.values()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            closure()
     finally:
         for handle in handles:
             handle.remove()
-        for name, budget in saved.items():
-            linears[name].budget = budget
-    return stats, {name: tuple(pair) for name, pair in rows.items() if pair[1] is not None}
+    return frozenset(name for name, ptr in inputs.items() if ptr in outside)
 
 
 def choose_budgets(
@@ -91,6 +147,7 @@ def choose_budgets(
     method: str = "bernoulli",
     proposal: str = "norm",
     grid: Sequence[float] = DEFAULT_GRID,
+    share: bool = True,
 ) -> dict[str, LayerBudget]:
     """Pick each linear layer's budget by the rule of the module docstring.
 
@@ -107,12 +164,29 @@ def choose_budgets(
     require(proposal in PROPOSALS, "choose_budgets(proposal=...)", f"one of {PROPOSALS}",
             repr(proposal), f"use {PROPOSALS[0]!r}")  # fmt: skip
     grid = sorted(check_budget(f, "choose_budgets(grid=...)") for f in grid)
-    stats, rows = record_rows(model, closure)
-    moments, batch = stats.moments(), stats.batch_size
-    chosen = {}
+    recording = record_rows(model, closure)
+    moments, batch, rows = recording.stats.moments(), recording.stats.batch_size, recording.rows
+    sgd, curves, budgets = {}, {}, {}
     for name, (a, g) in rows.items():
-        sgd = float(trace_covariance(moments[f"{name}.weight"])) / batch
-        curve = {f: float(added_variance(a, g, f, method=method, proposal=proposal)) for f in grid}
-        budget = next((f for f in grid if curve[f] <= fraction * sgd), 1.0)
-        chosen[name] = LayerBudget(name, budget, sgd, curve.get(budget, 0.0), curve)
-    return chosen
+        sgd[name] = float(trace_covariance(moments[f"{name}.weight"])) / batch
+        curves[name] = {f: float(added_variance(a, g, f, method=method, proposal=proposal))
+                        for f in grid}  # fmt: skip
+        under = (f for f in grid if curves[name][f] <= fraction * sgd[name])
+        budgets[name] = 1.0 if name in recording.saved_elsewhere else next(under, 1.0)
+    if share:
+        for group in _shared_inputs(rows).values():
+            for name in group:
+                budgets[name] = max(budgets[n] for n in group)
+    return {
+        n: LayerBudget(n, budgets[n], sgd[n], curves[n].get(budgets[n], 0.0), curves[n],
+                       n in recording.saved_elsewhere)
+        for n in rows
+    }  # fmt: skip
+
+
+def _shared_inputs(rows: dict) -> dict[tuple, list[str]]:
+    """Layer names grouped by the input tensor they read (same storage, offset and shape)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, (a, _) in rows.items():
+        groups.setdefault((_storage(a), a.storage_offset(), tuple(a.shape)), []).append(name)
+    return groups

@@ -20,6 +20,11 @@ read the same input tensor in the same forward (q, k and v projections of one La
 with the same budget and settings save one sample between them, as autograd saves one input
 between exact layers; each layer's gradient stays unbiased (they are correlated with each other,
 which leaves the trace variance of the whole gradient, a sum over layers, unchanged).
+Sampling frees memory only if nothing else keeps the input: where another op saves it anyway (the
+output projection after ``scaled_dot_product_attention``, which saves its output; a layer after
+``tanh`` or ``relu``, which save theirs), the k sampled rows come on top.
+:func:`gradnoise.sampled.record_rows` finds such layers and
+:func:`gradnoise.sampled.choose_budgets` leaves them exact.
 
 The sampled path runs only when it can matter: in training mode, with grad enabled and the weight
 requiring grad, and ``budget < 1``; otherwise the layer is a plain ``nn.Linear``. The parameters
