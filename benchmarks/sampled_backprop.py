@@ -46,7 +46,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradnoise.sampled import added_variance, choose_budgets, record_rows, sample_linears
+from gradnoise.sampled import (
+    added_variance,
+    choose_budgets,
+    inclusion_probabilities,
+    record_rows,
+    sample_linears,
+)
+from gradnoise.sampled.rows import kept_rows
 from gradnoise.stats.quantities import trace_covariance
 from gradnoise.testing.models import lm_loss, make_gpt
 from gradnoise.workloads.markov import MarkovLanguage
@@ -211,6 +218,15 @@ def measured_variance(model: nn.Module, budget, batch, draws: int) -> dict:
     }
 
 
+def oracle_variance(a: torch.Tensor, g: torch.Tensor, budget: float) -> float:
+    """Bernoulli variance with the scores ||a_r|| ||g_r|| (not available in a real forward)."""
+    a, g = a.reshape(-1, a.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+    sq = a.pow(2).sum(1) * g.pow(2).sum(1)
+    pi = inclusion_probabilities(sq.sqrt(), kept_rows(budget, a.shape[0]))
+    kept = pi > 0
+    return float(((1 / pi[kept] - 1) * sq[kept]).sum())
+
+
 def variance_study(model: nn.Module, batch, draws: int) -> tuple[dict, list[str], dict]:
     """SGD noise and added variance at every budget; returns (result, sampled layers, rule)."""
     model.zero_grad(set_to_none=True)
@@ -234,13 +250,18 @@ def variance_study(model: nn.Module, batch, draws: int) -> tuple[dict, list[str]
             "formula": formula,
             **measured_variance(model, mapping, batch, draws),
         }
+        row["formula_wta_crs"] = sum(
+            float(added_variance(*rows[n], budget, method="wta-crs")) for n in layers
+        )
+        row["formula_oracle"] = sum(oracle_variance(*rows[n], budget) for n in layers)
         row["ratio_to_sgd"] = row["measured"] / noise
         row["ratio_to_sgd_se"] = row["measured_se"] / noise
         row["ratio_to_sgd_all_params"] = row["measured"] / out["sgd_noise_all_params"]
         per_budget.append(row)
         print(
             f"  budget {budget}: added/SGD noise {row['ratio_to_sgd']:.3f} "
-            f"(+-{row['ratio_to_sgd_se']:.3f}; formula {formula / noise:.3f})"
+            f"(+-{row['ratio_to_sgd_se']:.3f}; formula {formula / noise:.3f}, WTA-CRS "
+            f"{row['formula_wta_crs'] / noise:.3f}, oracle {row['formula_oracle'] / noise:.3f})"
         )
     out["per_budget"] = per_budget
     out["per_layer_ratio_at_0.5"] = {
@@ -367,6 +388,12 @@ def plot(result: dict, path: Path) -> None:
         "k:",
         label="docstring formula",
     )
+    noise = result["variance"]["sgd_noise_sampled_weights"]
+    for key, style, label in (
+        ("formula_wta_crs", "--", "WTA-CRS formula"),
+        ("formula_oracle", "-.", "oracle scores |a||g| formula"),
+    ):
+        axes[1].plot(budgets, [r[key] / noise for r in rows], style, label=label)
     axes[1].axhline(FRACTION, color="tab:red", lw=0.8, label="10% of tr(Sigma)/B")
     axes[1].set(
         xlabel="budget",
@@ -410,7 +437,7 @@ def main() -> None:
         worker(args.worker, args.worker_steps)
         return
     if args.quick:
-        args.steps, args.seeds, args.draws, args.repeats, args.warm_steps = 20, 2, 4, 1, 10
+        args.steps, args.seeds, args.draws, args.repeats, args.warm_steps = 20, 2, 4, 1, 5
     torch.set_num_threads(2)
     start = time.perf_counter()
     lang = language()
