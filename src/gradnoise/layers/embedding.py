@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradnoise.errors import BatchCouplingError, GradNoiseError, explain
+from gradnoise.layers.factors import Factors
 from gradnoise.layers.registry import BaseRule, Pieces, Request, register
 
 __all__ = ["EmbeddingRule"]
@@ -26,6 +27,7 @@ class EmbeddingRule(BaseRule):
     intercepts = (F.embedding,)
     modules = (nn.Embedding,)
     param_roles = ("weight",)
+    factored_roles = ("weight",)
     gives_input_grad = True
     broadcasts = True  # a (1, T) position index shared by the batch (GPT-2, BERT)
 
@@ -109,7 +111,8 @@ class EmbeddingRule(BaseRule):
             if request.elementwise
             else None
         )
-        return {"weight": Pieces(grad, sq_norms, elem_sq, None, "segment")}
+        factors = Factors(right=grads, ids=tokens) if request.factored else None
+        return {"weight": Pieces(grad, sq_norms, elem_sq, None, "segment", factors=factors)}
 
 
 class _TokensPlusPositions(nn.Module):

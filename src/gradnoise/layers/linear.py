@@ -17,6 +17,7 @@ parameters need the per-example gradients, hence bmm (or product when T = 1).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.layers.factors import Factors
 from gradnoise.layers.registry import (
     BaseRule,
     Pieces,
@@ -61,6 +63,7 @@ class LinearRule(BaseRule):
     intercepts = (F.linear,)
     modules = (nn.Linear,)
     param_roles = ("weight", "bias")
+    factored_roles = ("weight",)
     gives_input_grad = True
     broadcasts = True
 
@@ -114,6 +117,9 @@ def _bias_pieces(rows: torch.Tensor, request: Request, row_sq: torch.Tensor | No
 
 
 def _weight_pieces(acts, grads, request: Request, row_sq: torch.Tensor | None) -> Pieces:
+    if request.factored:  # this use's own terms as usual, plus its factors for the cross terms
+        own = _weight_pieces(acts, grads, Request(batch=request.batch), row_sq)
+        return dataclasses.replace(own, recompute=None, factors=Factors(right=acts, left=grads))
     batch, seq, d_in = acts.shape
     method = choose_method(batch, seq, d_in, grads.shape[-1], request)
     if method == "product":
@@ -181,6 +187,7 @@ class AddmmRule(BaseRule):
     name = "addmm"
     intercepts = (torch.addmm, torch._C.TensorBase.addmm)
     param_roles = ("input", "mat2")
+    factored_roles = ("mat2",)
     batched_input = "mat1"
     gives_input_grad = True
 
@@ -249,6 +256,8 @@ def _transposed(pieces: Pieces) -> Pieces:
         per_example=None if pieces.per_example is None else pieces.per_example.mT,
         method=pieces.method,
         recompute=None if recompute is None else (lambda: recompute().T),
+        unsure=pieces.unsure,
+        factors=None if pieces.factors is None else pieces.factors.transposed(),
     )
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.layers.factors import Factors
 
 __all__ = [
     "GRAM_TOLERANCE",
@@ -58,6 +59,9 @@ class Request:
     elementwise: bool = False
     materialize: bool = False  # whole per-example gradients, for parameters used more than once
     batch: int | None = None  # examples in the block, for rules whose rows are not the batch
+    # the rule's factored_roles give Factors (cross terms, factors.py) instead of materializing:
+    # set when such a role's parameter is shared and every use of it can give factors
+    factored: bool = False
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Pieces:
                  not keep ``grad`` itself (autograd can then adopt it as ``.grad`` uncopied)
     unsure       optional 0-dim bool tensor: the rounding bound of ``sq_norms`` exceeds the
                  rule's tolerance for some example (checked when results are read, no sync)
+    factors      on ``Request.factored``: this use's per-example gradient as
+                 :class:`~gradnoise.layers.factors.Factors`, for the cross terms between uses
     """
 
     grad: torch.Tensor
@@ -82,6 +88,7 @@ class Pieces:
     method: str
     recompute: Callable[[], torch.Tensor] | None = None
     unsure: torch.Tensor | None = None
+    factors: Factors | None = None
 
 
 # Squared norms in one fused ``vector_norm`` pass (no squared copy). A single float32 reduction
@@ -159,7 +166,10 @@ class Rule(Protocol):
       saved tensors;
     * ``modules``: module types whose forward uses their own parameters only through this rule
       (``nn.Linear`` for ``F.linear``), matched by exact type; the engine need not watch their
-      calls for a fallback, which saves two hooks per call.
+      calls for a fallback, which saves two hooks per call;
+    * ``factored_roles``: roles whose pieces carry :class:`~gradnoise.layers.factors.Factors`
+      on a ``Request.factored``; a parameter shared by such uses only (tied embedding and head)
+      gets cross terms instead of materialized per-example gradients.
     """
 
     name: str
@@ -170,6 +180,7 @@ class Rule(Protocol):
     broadcasts: bool
     reads_in_backward: tuple[str, ...] | None
     modules: tuple[type, ...]
+    factored_roles: tuple[str, ...]
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Name every argument of the functional call, defaults filled in."""
@@ -218,6 +229,7 @@ class BaseRule:
     broadcasts = False
     reads_in_backward: tuple[str, ...] | None = None
     modules: tuple[type, ...] = ()
+    factored_roles: tuple[str, ...] = ()
 
     def batched_arg(self, roles: tuple[str, ...]) -> str | None:
         return self.batched_input

@@ -13,7 +13,8 @@ import math
 import torch
 
 from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
-from gradnoise.layers.registry import Pieces, batched_sq_norms, sq_norm
+from gradnoise.layers.factors import cross_inner, row_norm_products
+from gradnoise.layers.registry import Pieces, batched_sq_norms, gram_unsure, sq_norm
 from gradnoise.stats.moments import GradMoments
 
 __all__ = ["Accumulator", "check_residual", "residual_tolerance"]
@@ -30,11 +31,14 @@ class Accumulator:
         self.methods = [pieces.method]
         # ||sum_i g_i||^2 while the gradient is still in cache; materialized pieces come from
         # shared parameters or the fallback, whose sums may still grow, so they wait until asked
-        shared = pieces.per_example is not None
+        shared = pieces.per_example is not None or pieces.factors is not None
         self._grad_sq: torch.Tensor | None = None if shared else sq_norm(self.grad)
         self._recompute = pieces.recompute
         self._dropped = False  # see drop_grad
         self.unsure = [] if pieces.unsure is None else [pieces.unsure]
+        # factored uses (tied weights): every use's factors, and the rounding bound's row sums
+        self._factors = None if pieces.factors is None else [pieces.factors]
+        self._row_sums = None if pieces.factors is None else _row_sums(pieces.factors)
 
     def release(self) -> None:
         """Drop the summed gradient when it can be rebuilt from smaller factors.
@@ -75,9 +79,29 @@ class Accumulator:
         self.methods.append(pieces.method)
         if pieces.unsure is not None:
             self.unsure.append(pieces.unsure)
+        if self._factors is not None and pieces.factors is not None:
+            self._add_factored(pieces)
+            return
         if self._per_example is None or pieces.per_example is None:
-            raise AssertionError("shared parameters must be materialized on every use")
+            raise AssertionError("shared parameters must be factored or materialized on every use")
         self._per_example = self._per_example + pieces.per_example
+
+    def _add_factored(self, pieces: Pieces) -> None:
+        """||sum_u g_u||^2 = sum_u ||g_u||^2 + 2 sum_{u<v} <g_u, g_v> (see layers/factors.py)."""
+        new = pieces.factors
+        cross = torch.stack([cross_inner(old, new) for old in self._factors]).sum(0)
+        self._sq_norms = self._sq_norms + pieces.sq_norms + 2 * cross
+        self._factors.append(new)
+        self._row_sums = self._row_sums + _row_sums(new)
+
+    def drop_factors(self) -> None:
+        """All uses are in (the parameter's gradient hook ran): keep the rounding flag of the
+        cross terms and let the factors (activations, output gradients) go."""
+        if self._factors is not None and len(self._factors) > 1:
+            flag = gram_unsure(self._row_sums.unsqueeze(1), self._sq_norms)
+            if flag is not None:
+                self.unsure.append(flag)
+        self._factors = None
 
     def grad_sq_norm(self) -> torch.Tensor:
         """``||sum_i g_i||^2`` in autograd's scale."""
@@ -110,6 +134,11 @@ class Accumulator:
         distinct = "+".join(sorted(set(self.methods)))
         uses = len(self.methods)
         return distinct if uses == 1 else f"{distinct} (shared by {uses} uses)"
+
+
+def _row_sums(factors) -> torch.Tensor:
+    """``(B,)`` sums over a use's rows of ``|l_t| |r_t|`` (the Gram rounding bound's terms)."""
+    return row_norm_products(factors).sum(1)
 
 
 def residual_tolerance(dtype: torch.dtype) -> float:

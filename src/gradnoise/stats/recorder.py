@@ -80,6 +80,7 @@ class Recorder:
         self._handles: list[RemovableHandle] = []
         self._mode: RuleMode | None = None
         self.stale_shards: list[str] = []
+        self._factorable_names: dict[str, bool] = {}
         self.shard_sq_norms: dict[str, torch.Tensor] = {}  # ||reduced shard||^2, FSDP2 only
 
     def install(self) -> None:
@@ -336,8 +337,28 @@ class Recorder:
         self.frames.clear()
 
     def request(self, names) -> Request:
-        shared = any(self.uses[name] > 1 for name in names)
-        return Request(elementwise=self.elementwise, materialize=shared, batch=self.batch)
+        """What a use must hand over: shared parameters need their per-example gradients, as
+        factors when every use of them can give factors (tied embedding and head), else whole."""
+        shared = [name for name in names if self.uses[name] > 1]
+        factored = [n for n in shared if not self.elementwise and self._factorable(n)]
+        return Request(
+            elementwise=self.elementwise,
+            materialize=len(factored) < len(shared),  # for the roles that cannot give factors
+            batch=self.batch,
+            factored=bool(factored),
+        )
+
+    def _factorable(self, name: str) -> bool:
+        """Whether every use of ``name`` in this block is a rule role that gives factors."""
+        known = self._factorable_names.get(name)
+        if known is None:
+            known = self._factorable_names[name] = all(
+                call.rule is not None and role in call.rule.factored_roles
+                for call in self.calls
+                for role, used in call.names.items()
+                if used == name and role not in call.discarded
+            ) and not any(call.rule is None and name in call.names.values() for call in self.calls)
+        return known
 
     def rule_backward(self, call: Call, bound: dict, grad_output: torch.Tensor) -> dict:
         """The rule's pieces for every role; the kept ones are accumulated."""
@@ -390,6 +411,8 @@ class Recorder:
                 measured = acc.summed_grad() if acc is not None else torch.zeros_like(grad)
                 residual = sq_norm(grad.float() - measured.float())
                 self.residuals[name] = (residual, sq_norm(grad.float()))
+            if acc is not None:
+                acc.drop_factors()  # every use is in: the cross terms are complete
             if sharded and acc is not None:
                 acc.drop_grad()  # FSDP reduce-scatters and frees it; keeping it costs a copy
             return None
