@@ -69,6 +69,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         noise.update(records[-1])
         ddp.zero_grad()
     result["no_sync"] = (records, noise.estimate())
+    ddp = nn.parallel.DistributedDataParallel(make_model(), bucket_cap_mb=1e-4)
+    hook, records = NoiseScaleHook(ddp), []
+    for step in range(STEPS):  # recorded every other step only: not accumulation
+        x, y = make_data(rank, step, SIZES[rank])
+        loss_of(ddp, x, y, "mean").backward()
+        if step % 2:
+            records.append(hook.record(local_batch_size=SIZES[rank]))
+        ddp.zero_grad()
+    result["every_other"] = records
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -143,3 +152,15 @@ def test_no_sync_accumulation_counts_every_micro_batch(results):
             "local_batch_size=8, one micro-batch. Pass local_batch_size=16 under gradient "
             "accumulation."
         )
+
+
+def test_recording_some_steps_only_is_not_taken_for_accumulation(results):
+    """Forward passes are counted per synchronized backward, not per record."""
+    want, _ = reference(SIZES, "mean")
+    for result in results:
+        got = result["every_other"]
+        assert len(got) == STEPS // 2
+        for record, ref in zip(got, want[1::2], strict=True):
+            assert record.b_small == pytest.approx(ref.b_small)
+            for name, value in ref.small_sq_norms.items():
+                assert float(record.small_sq_norms[name]) == pytest.approx(float(value), rel=1e-9)

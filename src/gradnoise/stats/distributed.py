@@ -137,7 +137,8 @@ class NoiseScaleHook:
         self.preconditioner = preconditioner
         self._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
         self._clear()
-        self._forwards = (0, 0)  # forward passes and examples since the last record
+        self._forwards = (0, 0)  # forward passes and examples since the last synced backward
+        self._synced_forwards = (0, 0)  # those that the last synchronized backward covered
         ddp_model.register_forward_pre_hook(self._count_forward, with_kwargs=True)
         ddp_model.register_comm_hook(self, NoiseScaleHook._hook)
 
@@ -170,6 +171,9 @@ class NoiseScaleHook:
         if bucket.is_last():  # every bucket's hook has run: keep the local squared norms
             norms = torch.stack([n for i in sorted(self._norms) for n in self._norms[i]])
             self._pending = norms.pow_(2)
+            # the forwards since the previous synchronized backward (K under no_sync()), so
+            # recording only some steps is not mistaken for accumulation
+            self._synced_forwards, self._forwards = self._forwards, (0, 0)
         return future.then(_value)
 
     def record(self, *, local_batch_size: int) -> TwoBatchNorms:
@@ -199,7 +203,7 @@ class NoiseScaleHook:
 
     def _check_accumulation(self, local_batch_size: int) -> None:
         """Refuse the per-micro-batch size after several forward passes (``no_sync()``)."""
-        forwards, examples = self._forwards
+        forwards, examples = self._synced_forwards
         if forwards > 1 and examples == forwards * local_batch_size:
             raise GradNoiseError(
                 explain(
@@ -210,7 +214,6 @@ class NoiseScaleHook:
                     fix=f"pass local_batch_size={examples} under gradient accumulation",
                 )
             )
-        self._forwards = (0, 0)
 
     def _count_forward(self, module, args, kwargs) -> None:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
