@@ -165,7 +165,23 @@ def _refusals(rank: int) -> dict:
         F.cross_entropy(plain(x[:LOCAL]), y[:LOCAL]).backward()
     errors["unsharded"] = _error(lambda: gather_sharded(stats))
     errors["tensor_parallel"] = _error(lambda: GradStats(_tensor_parallel_linear()))
+    hybrid = _hybrid_sharded()
+    with GradStats(hybrid) as stats:
+        F.cross_entropy(hybrid(x[:LOCAL]), y[:LOCAL]).backward()
+    errors["hybrid"] = _error(lambda: gather_sharded(stats))
+    errors["hybrid_hook"] = _error(lambda: FSDPNoiseScaleHook(hybrid))
     return errors
+
+
+def _hybrid_sharded() -> Net:
+    """HSDP: replicated over both ranks, sharded over one (each rank holds whole parameters)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _tensor_parallel_linear() -> nn.Module:
@@ -368,6 +384,17 @@ def test_two_batch_hook_refuses_misuse(ranks):
             "GradNoiseError: gather_sharded: expected a GradStats of a model whose trainable "
             "parameters FSDP2 shards",
             "no sharded parameters",
+        ),
+        (
+            "hybrid",
+            "UnsupportedModuleError: gather_sharded: expected FSDP2 sharding of every parameter "
+            "over all 2 ranks of the group",
+            "placed as ['Replicate', 'Shard']",
+        ),
+        (
+            "hybrid_hook",
+            "UnsupportedModuleError: FSDPNoiseScaleHook: expected FSDP2 sharding",
+            "HSDP or a sub-mesh",
         ),
         (
             "tensor_parallel",

@@ -27,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradnoise.errors import GradNoiseError, NonFiniteGradientError, NotReadyError, explain
+from gradnoise.errors import (
+    GradNoiseError,
+    NonFiniteGradientError,
+    NotReadyError,
+    UnsupportedModuleError,
+    explain,
+)
 from gradnoise.layers.sharding import ShardedParam, sharded_params
 from gradnoise.stats.distributed import check_record, gather_ragged, two_batch_from_rank_sums
 from gradnoise.stats.engine import GradStats
@@ -97,7 +103,7 @@ def gather_sharded(
     batches. ``per_parameter=True`` also gathers each parameter's per-example norms (one
     ``(P, B)`` gather instead of ``(B,)``).
     """
-    _sharded_of(stats)
+    _sharded_of(stats, group)
     if stats.loss_reduction == "weighted":
         raise GradNoiseError(
             explain(
@@ -143,7 +149,7 @@ def local_norm_rows(stats: GradStats, names: list[str]) -> torch.Tensor:
     return torch.stack([norms[n] if n in norms else torch.zeros_like(like) for n in names])
 
 
-def _sharded_of(stats: GradStats) -> dict[str, ShardedParam]:
+def _sharded_of(stats: GradStats, group) -> dict[str, ShardedParam]:
     """The shards of every measured parameter; refuses models with unsharded ones."""
     sharded = stats._plan.sharded
     plain = [name for name in stats._plan.params if name not in sharded]
@@ -167,7 +173,30 @@ def _sharded_of(stats: GradStats) -> dict[str, ShardedParam]:
                 fix="drop elementwise=True under FSDP2",
             )
         )
+    refuse_replicated(sharded, "gather_sharded", group)
     return sharded
+
+
+def refuse_replicated(shards: dict[str, ShardedParam], where: str, group) -> None:
+    """The shards of every rank must be disjoint pieces of one gradient (plain FSDP2 over the
+    group): with HSDP (a replicated mesh dim) or a sub-mesh, summing shard norms over the
+    group would count replicas more than once."""
+    world = dist.get_world_size(group)
+    for name, shard in shards.items():
+        placements = [type(p).__name__ for p in shard.sharded.placements]
+        mesh_size = shard.sharded.device_mesh.size()
+        if "Replicate" in placements or mesh_size != world:
+            raise UnsupportedModuleError(
+                explain(
+                    where,
+                    expected=f"FSDP2 sharding of every parameter over all {world} ranks of the "
+                    "group (one mesh dim, Shard placements)",
+                    got=f"{name!r} placed as {placements} on a mesh of {mesh_size} ranks (HSDP "
+                    "or a sub-mesh)",
+                    fix="shard over one mesh dim spanning the group, or pass that dim's process "
+                    "group as group=",
+                )
+            )
 
 
 def _require_fresh_shards(stats: GradStats, names: list[str]) -> None:
@@ -353,6 +382,7 @@ def _model_shards(model: nn.Module, loss_reduction: str, group) -> dict[str, Sha
                 fix="call fully_shard(model) first; under DDP use NoiseScaleHook",
             )
         )
+    refuse_replicated(shards, "FSDPNoiseScaleHook", group)
     if dist.get_world_size(group) < 2:
         raise GradNoiseError(
             explain(
