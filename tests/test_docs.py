@@ -268,6 +268,7 @@ SUBPACKAGES = [
     "evaluation",
     "optim",
     "rl",
+    "sampled",
     "stats",
     "monitor",
     "workloads",

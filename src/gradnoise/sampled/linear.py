@@ -60,7 +60,7 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     require(value in choices, what, f"one of {choices}", repr(value), f"use {choices[0]!r}")
 
 
-def _options(budget, method, proposal, share, generator) -> dict:
+def _options(budget: float, method: str, proposal: str, share: bool, generator) -> dict:
     """The checked sampling settings of a SampledLinear."""
     budget = check_budget(budget, "SampledLinear(budget=...)")
     _check_choice(method, METHODS, "SampledLinear(method=...)")
@@ -114,8 +114,8 @@ class SampledLinear(nn.Linear):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         budget: float = 0.5,
         method: str = "bernoulli",
