@@ -1,6 +1,7 @@
 """NoiseScale on the closed-form linear-Gaussian problem: accuracy, coverage, resume, errors."""
 
 import io
+import itertools
 import math
 
 import pytest
@@ -109,9 +110,37 @@ def test_fieller_interval_is_the_set_it_claims():
 
 
 def test_student_quantile_matches_tables():
-    for p, dof, exact in [(0.975, 5, 2.5706), (0.975, 10, 2.2281), (0.95, 5, 2.0150)]:
-        assert student_quantile(p, dof) == pytest.approx(exact, rel=3e-3)
+    # two-sided 95% / 99% table values to 9-10 digits, including dof 1-2 where a series fails
+    table = [
+        (0.975, 1, 12.706204736),
+        (0.975, 2, 4.302652730),
+        (0.975, 5, 2.570581836),
+        (0.975, 10, 2.228138852),
+        (0.95, 5, 2.015048373),
+        (0.995, 2, 9.924843201),
+        (0.995, 30, 2.749995654),
+    ]
+    for p, dof, exact in table:
+        assert student_quantile(p, dof) == pytest.approx(exact, rel=1e-8)
     assert student_quantile(0.975, math.inf) == pytest.approx(1.95996, rel=1e-5)
+    assert student_quantile(0.975, 5e7) == pytest.approx(1.95996, rel=1e-5)
+
+
+def test_student_quantile_is_continuous_and_decreasing_in_fractional_dof():
+    """Kish's effective dof is fractional: the quantile must not jump at the integers (a
+    version exact at integers only and a series between them did)."""
+    values = [student_quantile(0.95, 1 + 0.05 * k) for k in range(200)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+    for n in range(2, 41):
+        below, above = student_quantile(0.95, n - 1e-6), student_quantile(0.95, n + 1e-6)
+        assert 0 < below - above < 1e-5
+    # Student t at dof 1 is Cauchy: the quantile is tan(pi (p - 1/2))
+    assert student_quantile(0.9, 1) == pytest.approx(math.tan(math.pi * 0.4), rel=1e-9)
+
+
+def test_student_quantile_refuses_a_non_positive_dof():
+    with pytest.raises(ValueError, match="dof must be > 0, got 0"):
+        student_quantile(0.95, 0)
 
 
 @pytest.mark.parametrize("config", [{"beta": 0.9}, {"window": 50}])

@@ -57,7 +57,7 @@ from gradnoise.evaluation.checks import (
     sample_sd,
     scores_vector,
 )
-from gradnoise.stats.instruments import exact_t_quantile
+from gradnoise.stats.averaging import student_quantile
 
 __all__ = [
     "Interval",
@@ -104,8 +104,9 @@ class Interval:
 
 def t_quantile(confidence: float, dof: float) -> float:
     """The two-sided Student-t quantile :math:`t_{(1+c)/2,\\,\\nu}` for ``floor(dof)`` degrees
-    of freedom (at least 1), exact by bisection (``gradnoise.stats.instruments``)."""
-    return exact_t_quantile((1.0 + confidence) / 2.0, max(1, math.floor(dof)))
+    of freedom (at least 1: the conservative side of a fractional Welch dof), exact
+    (``gradnoise.stats.averaging.student_quantile``)."""
+    return student_quantile((1.0 + confidence) / 2.0, max(1, math.floor(dof)))
 
 
 def _statistic(where: str, statistic) -> Callable[[torch.Tensor], torch.Tensor]:

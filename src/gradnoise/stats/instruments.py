@@ -60,17 +60,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
 
 from gradnoise.errors import GradNoiseError, explain
+from gradnoise.stats.averaging import student_quantile
 
 __all__ = [
     "AffineVarianceFit",
     "TailIndex",
     "affine_variance_fit",
-    "exact_t_quantile",
     "hill_tail_index",
 ]
 
@@ -125,49 +124,6 @@ def _gamma_quantile(shape: int, p: float) -> float:
         else:
             hi = mid
         if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def _t_two_sided_mass(t: float, nu: int) -> float:
-    """P(|T| <= t) for Student's t with integer nu (Abramowitz & Stegun 26.7.3-26.7.4)."""
-    theta = math.atan(t / math.sqrt(nu))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if nu % 2 == 1:
-        if nu == 1:
-            return 2.0 * theta / math.pi
-        term, total = math.cos(theta), math.cos(theta)
-        for j in range(3, nu - 1, 2):  # coefficient (j-1)/j for cos^j
-            term *= c2 * (j - 1) / j
-            total += term
-        return 2.0 / math.pi * (theta + s * total)
-    term, total = 1.0, 1.0
-    for j in range(2, nu - 1, 2):  # coefficient (j-1)/j for cos^j
-        term *= c2 * (j - 1) / j
-        total += term
-    return s * total
-
-
-def exact_t_quantile(p: float, nu: int) -> float:
-    """p-quantile (p > 1/2) of Student's t with integer nu: exact bisection up to nu = 2000,
-    the Cornish-Fisher expansion (A&S 26.7.5, error below 1e-9 there) above."""
-    z = NormalDist().inv_cdf(p)
-    if nu > 2000:
-        g1 = (z**3 + z) / 4
-        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-        return z + g1 / nu + g2 / nu**2 + g3 / nu**3
-    mass = 2.0 * p - 1.0
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_mass(hi, nu) < mass:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_two_sided_mass(mid, nu) < mass:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
             break
     return 0.5 * (lo + hi)
 
@@ -349,13 +305,13 @@ def affine_variance_fit(
     u = x / scale  # the slope is divided back; t statistics do not depend on the scale
     ones = torch.ones_like(u)
     beta, se, rss = _ols(torch.stack([ones, u], 1), y, robust)
-    t1 = exact_t_quantile((1.0 + confidence) / 2.0, m - 2)
+    t1 = student_quantile((1.0 + confidence) / 2.0, m - 2)
     b0, s0 = float(beta[0]), float(se[0])
     b1, s1 = float(beta[1]) / scale, float(se[1]) / scale
     tss = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - rss / tss if tss > 0 else 1.0
     beta_q, se_q, _ = _ols(torch.stack([ones, u, u * u], 1), y, robust)
-    t2 = exact_t_quantile((1.0 + confidence) / 2.0, m - 3)
+    t2 = student_quantile((1.0 + confidence) / 2.0, m - 3)
     c, sc = float(beta_q[2]) / scale**2, float(se_q[2]) / scale**2
 
     fit = dict(
