@@ -49,3 +49,17 @@ def require(ok: bool, what: str, expected: str, got: str, fix: str) -> None:
     """Raise ``GradNoiseError(explain(what, ...))`` unless ``ok``: a check in one call."""
     if not ok:
         raise GradNoiseError(explain(what, expected=expected, got=got, fix=fix))
+
+
+def check_confidence(where: str, confidence: object) -> float:
+    """``confidence`` as a float in (0, 1), else a GradNoiseError naming ``where`` (the one
+    check of every confidence level in the package)."""
+    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+    require(
+        number and 0.0 < confidence < 1.0,
+        where,
+        expected="a number in (0, 1)",
+        got=repr(confidence),
+        fix="use for example confidence=0.95",
+    )
+    return float(confidence)

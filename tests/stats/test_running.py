@@ -185,7 +185,7 @@ def test_per_layer_and_gradstats_input():
     [
         ({"beta": 1.0}, r"NoiseScale\(beta=...\): expected a float in \[0, 1\)"),
         ({"window": 1}, r"NoiseScale\(window=...\): expected None or an int >= 2"),
-        ({"confidence": 1.5}, r"NoiseScale\(confidence=...\): expected a float in \(0, 1\)"),
+        ({"confidence": 1.5}, r"NoiseScale\(confidence=...\): expected a number in \(0, 1\)"),
     ],
 )
 def test_constructor_errors(kwargs, match):

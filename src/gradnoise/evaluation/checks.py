@@ -8,22 +8,7 @@ import torch
 
 from gradnoise.errors import GradNoiseError, explain
 
-__all__ = ["check_confidence", "check_resamples", "make_generator", "scores_vector"]
-
-
-def check_confidence(where: str, confidence: float) -> float:
-    """``confidence`` as a float in (0, 1), or a GradNoiseError naming ``where``."""
-    ok = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
-    if not (ok and 0.0 < confidence < 1.0):
-        raise GradNoiseError(
-            explain(
-                f"{where} confidence",
-                expected="a number in (0, 1)",
-                got=repr(confidence),
-                fix="use for example confidence=0.95",
-            )
-        )
-    return float(confidence)
+__all__ = ["check_resamples", "make_generator", "scores_vector"]
 
 
 def check_resamples(where: str, resamples: int) -> int:

@@ -49,9 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, check_confidence, explain
 from gradnoise.evaluation.checks import (
-    check_confidence,
     check_resamples,
     make_generator,
     sample_sd,
@@ -172,7 +171,7 @@ def bootstrap_interval(
     (0 when both are None), so the same call gives the same interval. Assumes i.i.d. items.
     """
     where = "bootstrap_interval"
-    confidence = check_confidence(where, confidence)
+    confidence = check_confidence(f"{where} confidence", confidence)
     resamples = check_resamples(where, resamples)
     fn = _statistic(where, statistic)
     gen = make_generator(where, seed, generator)
@@ -219,7 +218,7 @@ def seed_interval(per_seed_scores, *, confidence: float = 0.95) -> Interval:
     :math:`\\bar y \\pm t_{(1+c)/2,\\,J-1}\\, s_y/\\sqrt J` (i.i.d. seeds, roughly normal
     scores). It says nothing about the items: add :func:`variance_components` for both.
     """
-    confidence = check_confidence("seed_interval", confidence)
+    confidence = check_confidence("seed_interval confidence", confidence)
     return t_interval(scores_vector("seed_interval per_seed_scores", per_seed_scores), confidence)
 
 
@@ -306,7 +305,7 @@ def variance_components(scores, *, confidence: float = 0.95) -> VarianceComponen
 
     ``scores[i][j]``: item i's score under seed j (every item under every seed).
     """
-    confidence = check_confidence("variance_components", confidence)
+    confidence = check_confidence("variance_components confidence", confidence)
     x = _score_matrix(scores)
     n_items, n_seeds = x.shape
     m_a, m_b, m_e = _mean_squares(x)

@@ -24,8 +24,8 @@ from statistics import NormalDist
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
-from gradnoise.evaluation.checks import check_confidence, scores_vector
+from gradnoise.errors import GradNoiseError, check_confidence, explain
+from gradnoise.evaluation.checks import scores_vector
 from gradnoise.evaluation.intervals import Interval, bootstrap_interval, t_interval
 
 __all__ = [
@@ -157,7 +157,7 @@ def paired_comparison(
     (0 when both are None).
     """
     where = "paired_comparison"
-    confidence = check_confidence(where, confidence)
+    confidence = check_confidence(f"{where} confidence", confidence)
     x, y = scores_vector(f"{where} a", a), scores_vector(f"{where} b", b)
     if x.numel() != y.numel():
         raise GradNoiseError(

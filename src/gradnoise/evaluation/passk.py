@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
-from gradnoise.evaluation.checks import check_confidence, sample_sd
+from gradnoise.errors import GradNoiseError, check_confidence, explain
+from gradnoise.evaluation.checks import sample_sd
 from gradnoise.evaluation.intervals import t_quantile
 
 __all__ = ["PassAtK", "pass_at_k", "pass_at_k_interval"]
@@ -138,7 +138,7 @@ def pass_at_k_interval(n, c, k: int, *, confidence: float = 0.95) -> PassAtK:
     """pass@k over problems with the standard error of the mean over problems and a t interval
     on P - 1 degrees of freedom, cut to [0, 1]; needs at least 2 problems."""
     where = "pass_at_k_interval"
-    confidence = check_confidence(where, confidence)
+    confidence = check_confidence(f"{where} confidence", confidence)
     per_problem = pass_at_k(n, c, k)
     problems = per_problem.numel()
     if problems < 2:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
-from gradnoise.evaluation.checks import check_confidence, check_resamples
+from gradnoise.errors import GradNoiseError, check_confidence, explain
+from gradnoise.evaluation.checks import check_resamples
 from gradnoise.evaluation.intervals import (
     Interval,
     VarianceComponents,
@@ -224,7 +224,7 @@ def summarize(
                 fix="compare two files with other=, or two systems of one file with systems=",
             )
         )
-    check_confidence("summarize", confidence)
+    check_confidence("summarize confidence", confidence)
     check_resamples("summarize", resamples)
     bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
     if bad or not ks:

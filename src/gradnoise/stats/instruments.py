@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, check_confidence, explain
 from gradnoise.stats.averaging import student_quantile
 
 __all__ = [
@@ -72,18 +72,6 @@ __all__ = [
     "affine_variance_fit",
     "hill_tail_index",
 ]
-
-
-def _check_confidence(where: str, confidence: float) -> None:
-    if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
-        raise GradNoiseError(
-            explain(
-                f"{where} confidence",
-                expected="a float in (0, 1)",
-                got=repr(confidence),
-                fix="use for example confidence=0.9",
-            )
-        )
 
 
 def _as_vector(where: str, name: str, values) -> torch.Tensor:
@@ -161,7 +149,7 @@ def hill_tail_index(
     About the Tail of a Distribution").
     """
     where = "hill_tail_index"
-    _check_confidence(where, confidence)
+    check_confidence(f"{where} confidence", confidence)
     if not (isinstance(tail_fraction, (int, float)) and 0.0 < tail_fraction < 1.0):
         raise GradNoiseError(
             explain(
@@ -270,7 +258,7 @@ def affine_variance_fit(
     Needs m >= 5 steps and at least 3 distinct ``grad_sq`` values.
     """
     where = "affine_variance_fit"
-    _check_confidence(where, confidence)
+    check_confidence(f"{where} confidence", confidence)
     y = _as_vector(where, "trace_sigma", trace_sigma)
     x = _as_vector(where, "grad_sq", grad_sq)
     if y.numel() != x.numel():

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradnoise.errors import GradNoiseError, explain
+from gradnoise.errors import GradNoiseError, check_confidence, explain
 from gradnoise.stats.averaging import (
     EmaAverage,
     WindowAverage,
@@ -153,7 +153,7 @@ class NoiseScale:
         _check("beta", beta, 0 <= beta < 1, "a float in [0, 1)", "e.g. beta=0.95")
         ok = window is None or (isinstance(window, int) and window >= 2)
         _check("window", window, ok, "None or an int >= 2", "e.g. window=100")
-        _check("confidence", confidence, 0 < confidence < 1, "a float in (0, 1)", "e.g. 0.9")
+        check_confidence("NoiseScale(confidence=...)", confidence)
         self.beta, self.window, self.confidence = beta, window, confidence
         self._names: list[str] | None = None
         self._avg = EmaAverage(beta) if window is None else WindowAverage(window)
@@ -213,7 +213,7 @@ class NoiseScale:
         ``confidence`` overrides the constructor's level for this reading only.
         """
         level = self.confidence if confidence is None else confidence
-        _check("confidence", level, 0 < level < 1, "a float in (0, 1)", "e.g. 0.9")
+        level = check_confidence("NoiseScale(confidence=...)", level)
         skipped = self.skipped + self._pending_skips
         if self.steps == 0:
             nan = math.nan
