@@ -20,7 +20,7 @@ from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers.plan import Plan, plan_for
 from gradnoise.stats.accumulate import Accumulator
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
+from gradnoise.stats.quantities import NoiseScaleEstimate, layer_estimates, noise_scale_from_sums
 from gradnoise.stats.recorder import Recorder
 
 __all__ = ["GradStats", "token_mean_weights"]
@@ -87,6 +87,7 @@ class GradStats:
         self._open = False
         self._checked = False
         self._moments: dict[str, GradMoments] | None = None
+        self._estimates: tuple | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> GradStats:
@@ -115,6 +116,7 @@ class GradStats:
             self._plan, elementwise=self.elementwise, loss_reduction=self.loss_reduction
         )
         self._checked, self._moments, self._weights = False, None, None
+        self._estimates = None
         self._eager = _eager_stance(self._compiled)
         self._eager.__enter__()
         try:
@@ -196,7 +198,7 @@ class GradStats:
                 )
             )
         self._weights = _checked_weights(weights)
-        self._moments = None
+        self._moments, self._estimates = None, None
 
     def _example_weights(self) -> torch.Tensor | None:
         """The declared (B,) weights, checked against the batch; None unless ``"weighted"``."""
@@ -250,6 +252,14 @@ class GradStats:
                 for name, acc in self._measured().items()
             }
         return dict(self._moments)
+
+    def layer_estimates(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Per parameter, the unbiased ``(names, tr Sigma, |G|^2)`` of this batch as float64
+        vectors (:func:`~gradnoise.stats.quantities.layer_estimates`; computed once per block,
+        for the running noise scale and the monitor's record alike)."""
+        if self._estimates is None:
+            self._estimates = layer_estimates(self.moments())
+        return self._estimates
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""

@@ -20,8 +20,7 @@ from gradnoise.stats.distributed import all_reduce_moments, gather_ragged
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.fsdp import gather_sharded, local_norm_rows
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import NoiseScaleEstimate, gradient_noise_scale
-from gradnoise.stats.running import step_estimates
+from gradnoise.stats.quantities import NoiseScaleEstimate, gradient_noise_scale, layer_estimates
 
 __all__ = ["MergedStats"]
 
@@ -37,6 +36,7 @@ class MergedStats:
     def __init__(self, stats: GradStats, *, group: dist.ProcessGroup | None = None) -> None:
         self._coverage = stats.coverage
         self._moments: dict[str, GradMoments] | None = None
+        self._estimates: tuple | None = None
         if stats._plan.sharded:
             sharded = gather_sharded(stats, group=group, per_parameter=True)
             self.batch_sizes, self._norms, self._sharded = (
@@ -78,7 +78,9 @@ class MergedStats:
         """Per parameter, the unbiased ``(names, tr Sigma, |G|^2)`` over all ranks' examples."""
         if self._moments is None:
             return self._sharded.layer_estimates()
-        return step_estimates(self._moments)
+        if self._estimates is None:
+            self._estimates = layer_estimates(self._moments)
+        return self._estimates
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         return dict(self._norms)

@@ -34,6 +34,7 @@ __all__ = [
     "elementwise_variance",
     "gradient_noise_scale",
     "gsnr",
+    "layer_estimates",
     "layer_gsnr",
     "noise_scale_from_sums",
     "noise_scale_per_layer",
@@ -191,6 +192,22 @@ def noise_scale_from_sums(
     trace = _trace_from_sums(n, sq_norm_sum, sum_sq_norm)
     grad_sq = sum_sq_norm / n**2 - trace / n
     return _estimate(trace, grad_sq, n)
+
+
+def layer_estimates(
+    per_param: Mapping[str, GradMoments],
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    r"""``(names, tr Sigma, |G|^2)`` per parameter as float64 vectors: the unbiased
+    :math:`\mathrm{tr}\Sigma` and :math:`\|G\|^2 = \|\bar g\|^2 - \mathrm{tr}\Sigma / n`
+    of every record (what :class:`~gradnoise.stats.running.NoiseScale` averages)."""
+    names = list(per_param)
+    traces, sqs = [], []
+    for name in names:
+        record = per_param[name]
+        trace = torch.as_tensor(trace_covariance(record)).to(torch.float64)
+        traces.append(trace)
+        sqs.append(record.mean.pow(2).sum().to(torch.float64) - trace / record.n)
+    return names, torch.stack(traces), torch.stack(sqs)
 
 
 def noise_scale_per_layer(per_param: Mapping[str, GradMoments]) -> dict[str, NoiseScaleEstimate]:

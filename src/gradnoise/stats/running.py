@@ -46,7 +46,7 @@ from gradnoise.stats.averaging import (
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.fsdp import ShardedStats
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import trace_covariance, two_batch_estimates
+from gradnoise.stats.quantities import layer_estimates, two_batch_estimates
 from gradnoise.stats.twobatch import TwoBatchNorms
 
 __all__ = ["NoiseScale", "NoiseScaleReading", "step_estimates"]
@@ -69,11 +69,6 @@ class NoiseScaleReading:
     skipped: int = 0
 
 
-def _moments_estimates(record: GradMoments) -> tuple[torch.Tensor, torch.Tensor]:
-    trace = trace_covariance(record)
-    return trace, record.mean.pow(2).sum() - trace / record.n
-
-
 def _two_batch_vectors(record: TwoBatchNorms) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """All parameters at once: :func:`two_batch_estimates` is elementwise."""
     names = list(record.small_sq_norms)
@@ -90,8 +85,6 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
     """
     if callable(getattr(source, "layer_estimates", None)):
         return source.layer_estimates()  # ShardedStats, MergedStats: all ranks' examples
-    if isinstance(source, GradStats):
-        source = source.moments()
     if isinstance(source, GradMoments):
         source = {"": source}
     if isinstance(source, TwoBatchNorms):
@@ -107,7 +100,7 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
                     fix="pass stats.moments() or the GradStats object itself",
                 )
             )
-        pairs = {name: _moments_estimates(record) for name, record in source.items()}
+        return layer_estimates(source)
     else:
         raise GradNoiseError(
             explain(
@@ -117,10 +110,6 @@ def step_estimates(source: Source) -> tuple[list[str], torch.Tensor, torch.Tenso
                 fix="pass stats (after backward), stats.moments() or MicroBatchNorms.record()",
             )
         )
-    names = list(pairs)
-    traces = torch.stack([torch.as_tensor(pairs[n][0]).to(torch.float64) for n in names])
-    sqs = torch.stack([torch.as_tensor(pairs[n][1]).to(torch.float64) for n in names])
-    return names, traces, sqs
 
 
 def _ratio(num: float, den: float) -> float:
