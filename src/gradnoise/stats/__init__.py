@@ -12,12 +12,14 @@ from gradnoise.stats.agreement import (
 from gradnoise.stats.clipping import ClippedGradient, clip_factors, clipped_backward
 from gradnoise.stats.distributed import NoiseScaleHook, all_reduce_moments
 from gradnoise.stats.engine import GradStats, token_mean_weights
+from gradnoise.stats.fsdp import FSDPNoiseScaleHook, ShardedStats, gather_sharded
 from gradnoise.stats.instruments import (
     AffineVarianceFit,
     TailIndex,
     affine_variance_fit,
     hill_tail_index,
 )
+from gradnoise.stats.merged import MergedStats
 from gradnoise.stats.moments import GradMoments, merge_all, total_moments
 from gradnoise.stats.preconditioned import (
     adam_preconditioner,
@@ -47,8 +49,10 @@ __all__ = [
     "Agreement",
     "ClippedGradient",
     "ExampleScores",
+    "FSDPNoiseScaleHook",
     "GradMoments",
     "GradStats",
+    "MergedStats",
     "MicroBatchNorms",
     "NoiseScale",
     "NoiseScaleEstimate",
@@ -58,6 +62,7 @@ __all__ = [
     "SamplingTest",
     "SecondMomentProbe",
     "SecondMomentReading",
+    "ShardedStats",
     "TailIndex",
     "TwoBatchNorms",
     "adam_preconditioner",
@@ -71,6 +76,7 @@ __all__ = [
     "clipped_backward",
     "directional_derivatives",
     "elementwise_variance",
+    "gather_sharded",
     "gradient_noise_scale",
     "gsnr",
     "hill_tail_index",
