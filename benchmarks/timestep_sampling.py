@@ -148,10 +148,10 @@ def plot(result: dict, path: Path) -> None:
     colors = {"uniform": "tab:gray", "importance": "tab:blue"}
     for method, curves in result["runs"].items():
         for i, curve in enumerate(curves):
-            steps = [p["step"] for p in curve]
+            steps = [p["step"] for p in curve][1:]  # step 0 (0.5) would flatten the rest
             axes[0].plot(
                 steps,
-                [p["heldout_loss"] for p in curve],
+                [p["heldout_loss"] for p in curve][1:],
                 color=colors[method],
                 label=method if i == 0 else None,
                 alpha=0.8,
@@ -159,7 +159,6 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set(
         xlabel="step",
         ylabel="held-out loss (uniform t)",
-        yscale="log",
         title="held-out loss, every seed",
     )
     axes[0].legend()
