@@ -38,6 +38,7 @@ __all__ = [
     "Estimator",
     "check_num_samples",
     "chunk_sizes",
+    "draw",
     "evaluate",
     "finish",
     "per_sample_grads",
@@ -271,3 +272,14 @@ def seeded(generator: torch.Generator | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def draw(
+    kind: str, shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``torch.randn`` (``kind="normal"``) or ``torch.rand`` (``"uniform"``) of ``shape`` in
+    ``like``'s dtype, on ``like``'s device: drawn where ``generator`` lives (a CPU generator
+    for parameters on a GPU is the usual case), then moved."""
+    sample = torch.randn if kind == "normal" else torch.rand
+    device = like.device if generator is None else generator.device
+    return sample(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)

@@ -22,7 +22,7 @@ from torch.distributions import Distribution, Independent
 from torch.quasirandom import SobolEngine
 
 from gradnoise.errors import GradNoiseError, explain
-from gradnoise.estimators.core import seeded
+from gradnoise.estimators.core import draw, seeded
 
 __all__ = ["IID", "QMC", "Antithetic", "Sampler"]
 
@@ -83,8 +83,7 @@ class Antithetic(Sampler):
 
     def sample(self, dist, num_samples, *, generator, reparam):
         base = _univariate(dist)
-        dtype = base.mean.dtype
-        u = torch.rand((num_samples // 2, *base.batch_shape), generator=generator, dtype=dtype)
+        u = draw("uniform", (num_samples // 2, *base.batch_shape), base.mean, generator)
         return _through_icdf(dist, torch.stack([u, 1 - u], 1).flatten(0, 1), reparam)
 
 
@@ -112,4 +111,4 @@ class QMC(Sampler):
             seed = int(torch.randint(0, 2**31, (), generator=generator))
             engine = SobolEngine(dim, scramble=True, seed=seed)
             blocks.append(engine.draw(self.block, dtype=dtype).reshape(self.block, *shape))
-        return _through_icdf(dist, torch.cat(blocks), reparam)
+        return _through_icdf(dist, torch.cat(blocks).to(base.mean.device), reparam)

@@ -34,6 +34,7 @@ from gradnoise.estimators.core import (
     Estimate,
     SampleFn,
     check_num_samples,
+    draw,
     evaluate,
     finish,
     require_grad_path,
@@ -81,7 +82,7 @@ class SPSA:
         loc, scale = _smoothing(dist, "SPSA")
         check_num_samples("SPSA", num_samples)
         theta = loc.detach()
-        eps = torch.randn((num_samples, *theta.shape), generator=generator, dtype=theta.dtype)
+        eps = draw("normal", (num_samples, *theta.shape), theta, generator)
         with torch.no_grad():
             plus = evaluate("SPSA", f, theta + scale * eps, num_samples)
             minus = evaluate("SPSA", f, theta - scale * eps, num_samples)
@@ -107,8 +108,8 @@ class ForwardGradient:
         check_num_samples("ForwardGradient", num_samples)
         theta = loc.detach()
         shape = (num_samples, *theta.shape)
-        eps = torch.randn(shape, generator=generator, dtype=theta.dtype)
-        v = torch.randn(shape, generator=generator, dtype=theta.dtype)
+        eps = draw("normal", shape, theta, generator)
+        v = draw("normal", shape, theta, generator)
         x = theta + scale * eps
         # Shape and differentiability checks before the jvp, which would silently return a zero
         # slope for an f with no gradient path (detach, comparisons, argmax).
