@@ -87,6 +87,11 @@ def sampled(model: nn.Module, budget, seed: int = 0) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- memory
+def _never_unpacked(packed):
+    """Unpack hook of a forward that is never differentiated (its graph is dropped unused)."""
+    raise RuntimeError("this forward records what autograd saves; it cannot be differentiated")
+
+
 def saved_bytes(model: nn.Module, batch) -> dict[str, int]:
     """Distinct storages autograd saves in one training forward (parameters left out): held
     only for linear layers (saved inside one and by no op outside), and all of them."""
@@ -97,7 +102,9 @@ def saved_bytes(model: nn.Module, batch) -> dict[str, int]:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in params:
             (inside if depth[0] else outside)[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # keep the memory alive as autograd would, without the tensor: a saved output returned
+        # as is would tie it to its own grad_fn, a cycle Python cannot collect
+        return tensor.untyped_storage()
 
     enter = lambda *_: depth.__setitem__(0, depth[0] + 1)  # noqa: E731
     leave = lambda *_: depth.__setitem__(0, depth[0] - 1)  # noqa: E731
@@ -105,7 +112,7 @@ def saved_bytes(model: nn.Module, batch) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, nn.Linear):
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
         loss = lm_loss(model, *batch)
     for hook in hooks:
         hook.remove()

@@ -112,6 +112,11 @@ def test_input_and_bias_gradients_are_exact(method):
     assert torch.allclose(bias_grad, linear.bias.grad, rtol=1e-12, atol=1e-12)
 
 
+def _never_unpacked(packed):
+    """Unpack hook of a forward that is never differentiated (its graph is dropped unused)."""
+    raise RuntimeError("this forward records what autograd saves; it cannot be differentiated")
+
+
 def _saved_bytes(run, params) -> int:
     """Bytes of the distinct storages autograd saves in ``run()``, parameters left out."""
     skip = {p.untyped_storage().data_ptr() for p in params}
@@ -121,9 +126,11 @@ def _saved_bytes(run, params) -> int:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in skip:
             seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # keep the memory alive as autograd would, without the tensor: a saved output returned
+        # as is would tie it to its own grad_fn, a cycle Python cannot collect
+        return tensor.untyped_storage()
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
         run()
     return sum(seen.values())
 

@@ -110,6 +110,11 @@ def record_rows(model: nn.Module, closure: Callable[[], torch.Tensor]) -> Record
     return Recording(stats, done, elsewhere & set(done))
 
 
+def _never_unpacked(packed):
+    """Unpack hook of a forward that is never differentiated (its graph is dropped unused)."""
+    raise RuntimeError("this forward records what autograd saves; it cannot be differentiated")
+
+
 def _inputs_saved_elsewhere(linears: dict[str, nn.Module], closure) -> frozenset[str]:
     """Names of the linear layers whose input storage autograd saves, in one forward of
     ``closure``, for an op that runs outside every linear layer."""
@@ -118,7 +123,9 @@ def _inputs_saved_elsewhere(linears: dict[str, nn.Module], closure) -> frozenset
     def pack(tensor):
         if not depth[0]:
             outside.add(_storage(tensor))
-        return tensor
+        # keep the memory alive as autograd would, without the tensor: a saved output returned
+        # as is would tie it to its own grad_fn, a cycle Python cannot collect
+        return tensor.untyped_storage()
 
     def enter(name):
         def hook(module, args):
@@ -131,7 +138,7 @@ def _inputs_saved_elsewhere(linears: dict[str, nn.Module], closure) -> frozenset
     handles = [m.register_forward_pre_hook(enter(n)) for n, m in linears.items()]
     handles += [m.register_forward_hook(leave) for m in linears.values()]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
             closure()
     finally:
         for handle in handles:
