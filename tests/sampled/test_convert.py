@@ -160,3 +160,21 @@ def test_sampled_gpt_trains_and_its_gradient_is_unbiased_on_a_batch():
     se = draws.std(0) / 400**0.5
     assert bool(((draws.mean(0) - exact).abs() <= 4 * se + 1e-7).all())
     assert isinstance(model.head, SampledLinear)
+
+
+def test_the_rule_leaves_no_tensors_alive():
+    """The saved-tensor probe must not tie saved outputs to their grad_fn (an uncollectable
+    cycle that kept one forward's activations per call)."""
+    import gc
+
+    model, batch = _gpt()
+    choose_budgets(model, lambda: lm_loss(model, *batch))
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    before = live()
+    for _ in range(3):
+        choose_budgets(model, lambda: lm_loss(model, *batch))
+    assert live() == before
