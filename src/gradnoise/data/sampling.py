@@ -34,7 +34,11 @@ it costs variance, and the mixing bounds that cost: :math:`w_i \le 1/\lambda`, s
 the mean of the scored ones. Staleness is worst for examples with small scores: they are drawn
 rarely (about lambda B / N per step), so their scores are rarely renewed while their gradients
 may grow; ``benchmarks/importance_sampling.py`` measures this (scores renewed only on visits can
-make the sampler noisier than uniform) against scheduled refreshes.
+make the sampler noisier than uniform) against scheduled refreshes. Norms also jitter from step
+to step, which no proposal built from past scores follows: on the benchmark's regression task
+even each example's RMS norm over a window, taken with hindsight, keeps only ~0.9 of the fresh
+optimum's reduction. Fresh scores cost a scoring pass: :mod:`gradnoise.data.presampling` scores a
+candidate set at every step.
 
 :func:`importance_sampling_variance` measures both variances from the batch just drawn, with the
 per-example norms GradStats gives in the same backward; :func:`exact_sampling_variance` computes
