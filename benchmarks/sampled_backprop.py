@@ -410,8 +410,8 @@ def plot(result: dict, path: Path) -> None:
     )
     axes[1].legend()
     for name, runs in result["loss"]["curves"].items():
-        steps = [p["step"] for p in runs[0]]
-        values = torch.tensor([[p["heldout_loss"] for p in run] for run in runs])
+        steps = [p["step"] for p in runs[0]][2:]  # from step 40: the first drop flattens the rest
+        values = torch.tensor([[p["heldout_loss"] for p in run][2:] for run in runs])
         line = axes[2].plot(steps, values.mean(0), label=name)[0]
         axes[2].fill_between(
             steps, values.min(0).values, values.max(0).values, alpha=0.2, color=line.get_color()
@@ -420,7 +420,6 @@ def plot(result: dict, path: Path) -> None:
     axes[2].set(
         xlabel="step",
         ylabel="held-out loss (nats)",
-        yscale="log",
         title=f"loss, {len(runs)} seeds (band: min-max)",
     )
     axes[2].legend()
