@@ -32,7 +32,7 @@ price of choosing among K candidates instead of all N. With uniform candidates i
 sampling's variance at batch K, so the reduction over uniform at batch B is exactly
 :math:`1 / (1/k + (1 - 1/K)/\rho^\star)` for the optimal reduction :math:`\rho^\star`, below
 both k and :math:`\rho^\star K/(K-1)`: presampling needs k well above :math:`\rho^\star` to come
-near it (k = 8 keeps at most 8/(8 + rho*) of it). Candidates drawn from a (stale) sampler's
+near it (it keeps about k / (k + rho*) of the optimum). Candidates drawn from a (stale) sampler's
 proposal shrink the first term by that proposal's own reduction.
 Scoring costs a forward and backward pass over the K candidates (or a forward pass, for a
 forward-only score such as the loss or a last-layer bound): report it beside the variance.
