@@ -296,6 +296,14 @@ def analyse(fixed: dict[int, list[dict]], arms: dict[str, list[dict]], cfg: dict
                 for h in reached
             ]
             position = median_interval(values)
+        point = (
+            (
+                statistics.median(h["steps"] for h in reached),
+                statistics.median(h["examples"] for h in reached),
+            )
+            if reached
+            else None
+        )
         passed = (
             len(reached) == len(runs)
             and steps["median"] is not None
@@ -307,6 +315,7 @@ def analyse(fixed: dict[int, list[dict]], arms: dict[str, list[dict]], cfg: dict
             "steps_ratio": steps,
             "examples_ratio": examples,
             "frontier_product": position,
+            "dominated_by": dominated_by(point, fixed, final),
             "passes": passed,
         }
     return {
@@ -318,6 +327,24 @@ def analyse(fixed: dict[int, list[dict]], arms: dict[str, list[dict]], cfg: dict
         "baseline": {"batch": min(fixed), "steps": base_steps, "examples": base_examples},
         "arms": verdicts,
     }
+
+
+def dominated_by(point, fixed: dict[int, list[dict]], target: float) -> list[int] | None:
+    """The fixed batches whose median (steps, examples) to ``target`` are both at most the
+    arm's: empty means the arm lies on or beyond the measured fixed-batch frontier (no fit
+    needed, so it holds where B_crit is beyond the batch range)."""
+    if point is None:
+        return None
+    beaten = []
+    for batch, runs in sorted(fixed.items()):
+        hits = [crossing(r["curve"], target) for r in runs]
+        if not all(hits):
+            continue
+        steps = statistics.median(h["steps"] for h in hits)
+        examples = statistics.median(h["examples"] for h in hits)
+        if steps <= point[0] and examples <= point[1]:
+            beaten.append(batch)
+    return beaten
 
 
 def b_simple_at(runs: list[dict], target: float) -> float | None:
@@ -340,11 +367,32 @@ def run_all(specs: list[dict], jobs: int) -> list[dict]:
         return pool.map(run, specs)
 
 
+def reanalyse(path: Path) -> None:
+    """Recompute the analysis of a saved report from its runs (no training)."""
+    report = json.loads(path.read_text())
+    fixed: dict[int, list[dict]] = {}
+    arms: dict[str, list[dict]] = {}
+    for r in report["runs"]:
+        if r["kind"] == "fixed":
+            fixed.setdefault(r["batch"], []).append(r)
+        else:
+            name = "sqrt_schedule" if r["kind"] == "sqrt" else f"controller_m{r['multiple']:g}"
+            arms.setdefault(name, []).append(r)
+    report["analysis"] = analyse(fixed, arms, report["config"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, path.with_suffix(".png"))
+    print_summary(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--reanalyse", type=Path, help="a saved JSON: recompute its analysis")
     args = parser.parse_args()
+    if args.reanalyse is not None:
+        reanalyse(args.reanalyse)
+        return
     cfg = QUICK if args.quick else FULL
     start = time.perf_counter()
     tuning = [
@@ -421,8 +469,10 @@ def print_summary(report: dict) -> None:
         )
     for name, v in a["arms"].items():
         print(
-            f"  {name:20s} reached {v['reached']}  steps x{v['steps_ratio']['median']}  "
-            f"examples x{v['examples_ratio']['median']}  frontier {v['frontier_product']}  "
+            f"  {name:20s} reached {v['reached']}  steps x{v['steps_ratio']['median']:.3f} "
+            f"[{v['steps_ratio']['low']:.3f}, {v['steps_ratio']['high']:.3f}]  examples "
+            f"x{v['examples_ratio']['median']:.3f} [{v['examples_ratio']['low']:.3f}, "
+            f"{v['examples_ratio']['high']:.3f}]  dominated by fixed {v['dominated_by']}  "
             f"passes {v['passes']}"
         )
     print(f"{report['seconds']:.0f} s")
