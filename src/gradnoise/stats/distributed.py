@@ -298,16 +298,21 @@ def _value(future: torch.futures.Future) -> torch.Tensor:
     return future.value()[0]
 
 
-def _check_ddp(ddp_model: nn.Module, loss_reduction: str) -> None:
+def check_hook_reduction(where: str, loss_reduction: str) -> None:
+    """The ``loss_reduction`` check shared by the DDP and FSDP2 hooks."""
     if loss_reduction not in ("mean", "sum"):
         raise GradNoiseError(
             explain(
-                "NoiseScaleHook(loss_reduction=...)",
+                f"{where}(loss_reduction=...)",
                 expected="'mean' or 'sum'",
                 got=repr(loss_reduction),
                 fix="pass the reduction of each rank's loss over its local batch",
             )
         )
+
+
+def _check_ddp(ddp_model: nn.Module, loss_reduction: str) -> None:
+    check_hook_reduction("NoiseScaleHook", loss_reduction)
     if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
         raise GradNoiseError(
             explain(

@@ -35,7 +35,12 @@ from gradnoise.errors import (
     explain,
 )
 from gradnoise.layers.sharding import ShardedParam, sharded_params
-from gradnoise.stats.distributed import check_record, gather_ragged, two_batch_from_rank_sums
+from gradnoise.stats.distributed import (
+    check_hook_reduction,
+    check_record,
+    gather_ragged,
+    two_batch_from_rank_sums,
+)
 from gradnoise.stats.engine import GradStats
 from gradnoise.stats.quantities import NoiseScaleEstimate, noise_scale_from_sums
 from gradnoise.stats.twobatch import TwoBatchNorms
@@ -361,15 +366,7 @@ def _reduced_sq_norm(shard: ShardedParam) -> torch.Tensor:
 
 
 def _model_shards(model: nn.Module, loss_reduction: str, group) -> dict[str, ShardedParam]:
-    if loss_reduction not in ("mean", "sum"):
-        raise GradNoiseError(
-            explain(
-                "FSDPNoiseScaleHook(loss_reduction=...)",
-                expected="'mean' or 'sum'",
-                got=repr(loss_reduction),
-                fix="pass the reduction of each rank's loss over its local batch",
-            )
-        )
+    check_hook_reduction("FSDPNoiseScaleHook", loss_reduction)
     found = sharded_params(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     shards = {name: found[id(p)] for name, p in trainable if id(p) in found}
