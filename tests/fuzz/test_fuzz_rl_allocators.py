@@ -234,7 +234,7 @@ def _check_round(allocator, stats: RolloutStats, counts: torch.Tensor, budget: i
         if first:
             ids = stats.prompt_ids[: allocator.prompts_per_step].tolist()
             p = torch.tensor([(tally.s[i] + 0.5) / (tally.n[i] + 1) for i in ids])
-            weights = allocator.grad_norms[ids] * ((1 - p) / p).sqrt()
+            weights = allocator.norms(torch.tensor(ids)) * ((1 - p) / p).sqrt()
             lo, hi = allocator.min_samples, allocator.max_samples
             want = apportion(weights, budget, lo=lo, hi=hi)
             assert counts[: len(ids)].tolist() == want.tolist()
@@ -451,7 +451,7 @@ def test_states_load_only_into_the_same_type_and_pool_size(pair, steps):
 def _same_config(a, b) -> bool:
     if isinstance(a, SelectThenSample):
         return _same_config(a.selector, b.selector) and _same_config(a.sampler, b.sampler)
-    skip = {"history", "rng", "evidence", "grad_norms", "diversity", "scores"}
+    skip = {"history", "rng", "evidence", "grad_norms", "measured", "diversity", "scores"}
     config = lambda x: {k: v for k, v in vars(x).items() if k not in skip}  # noqa: E731
     return _same(config(a), config(b))
 

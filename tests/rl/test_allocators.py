@@ -99,10 +99,16 @@ def test_gvm_allocates_by_grad_norm_times_sqrt_odds_of_failure():
     )
     alloc.observe_grad_norms(torch.tensor([2]), torch.tensor([3.0]))
     p = (torch.tensor([3.0, 1.0, 2.0]) + 0.5) / 5
-    w = torch.tensor([1.0, 1.0, 3.0]) * ((1 - p) / p).sqrt()
+    # prompts 0 and 1 were never measured: they take the mean of the measured norms (3)
+    w = torch.tensor([3.0, 3.0, 3.0]) * ((1 - p) / p).sqrt()
     counts = alloc.allocate(RolloutStats.fresh(torch.arange(3)), 60)
     assert counts.tolist() == apportion(w, 60, lo=1).tolist()
-    assert counts[1] > counts[0] and counts[2] == counts.max()
+    assert counts[1] > counts[0]
+    alloc.observe_grad_norms(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    w = torch.tensor([1.0, 2.0, 3.0]) * ((1 - p) / p).sqrt()
+    counts = alloc.allocate(RolloutStats.fresh(torch.arange(3)), 60)
+    assert counts.tolist() == apportion(w, 60, lo=1).tolist()
+    assert alloc.norms(torch.tensor([3])).item() == 2.0  # unmeasured: mean of 1, 2, 3
 
 
 def test_reinforce_ada_plain_stops_at_a_success_and_balanced_needs_both():

@@ -60,9 +60,10 @@ class GVM(AllocatorBase):
     For prompt ``i`` with acceptance rate ``p_i`` and gradient norm ``G_i``, the rejection-sampling
     gradient from ``n_i`` samples has variance ``~ G_i^2 (1 - p_i) / (p_i n_i)``; minimising the
     sum subject to ``sum n_i = N`` gives ``n_i ~ G_i sqrt((1 - p_i) / p_i)``. We estimate ``p_i``
-    from history with a Laplace prior, ``G_i`` from :meth:`observe_grad_norms` (default 1, which
-    is what the paper's estimate reduces to when no per-prompt gradient has been measured), and
-    clip ``n_i`` to ``[min_samples, max_samples]``. The paper's exact estimator details (a
+    from history with a Laplace prior, ``G_i`` from :meth:`observe_grad_norms` (a prompt not yet
+    measured takes the mean of the measured norms, so the weights stay on one scale; 1 before any
+    measurement, which is what the rule reduces to without gradients), and clip ``n_i`` to
+    ``[min_samples, max_samples]``. The paper's exact estimator details (a
     pre-sampling pass per iteration) are replaced by this running history.
     """
 
@@ -88,6 +89,7 @@ class GVM(AllocatorBase):
             )
         self.max_samples = max_samples
         self.grad_norms = torch.ones(num_prompts, dtype=torch.float64)
+        self.measured = torch.zeros(num_prompts, dtype=torch.bool)
 
     def observe_grad_norms(self, prompt_ids: torch.Tensor, norms: torch.Tensor) -> None:
         """Record measured per-prompt gradient norms ``G_i`` (finite, non-negative)."""
@@ -103,10 +105,16 @@ class GVM(AllocatorBase):
                 )
             )
         self.grad_norms[ids] = norms
+        self.measured[ids] = True
+
+    def norms(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """``G_i`` per prompt: the last measured norm, else the mean of all measured ones (else 1)."""
+        unmeasured = self.grad_norms[self.measured].mean() if self.measured.any() else 1.0
+        return torch.where(self.measured[prompt_ids], self.grad_norms[prompt_ids], unmeasured)
 
     def weights(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         p = self.history.pass_rate(prompt_ids)
-        return self.grad_norms[prompt_ids] * ((1 - p) / p).sqrt()
+        return self.norms(prompt_ids) * ((1 - p) / p).sqrt()
 
     def allocate(self, stats: RolloutStats, budget: int) -> torch.Tensor:
         budget = self._check_call(stats, budget, self.prompts_per_step * self.min_samples)
@@ -119,10 +127,11 @@ class GVM(AllocatorBase):
         return counts
 
     def _extra_state(self) -> dict:
-        return {"grad_norms": self.grad_norms.clone()}
+        return {"grad_norms": self.grad_norms.clone(), "measured": self.measured.clone()}
 
     def _load_extra(self, state: dict) -> None:
         self.grad_norms = state["grad_norms"].clone()
+        self.measured = state["measured"].clone()
 
 
 class ReinforceAda(AllocatorBase):
