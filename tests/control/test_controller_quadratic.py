@@ -22,7 +22,7 @@ ratio inside the box this implies, :math:`[(\mathrm{tr}\Sigma - 4\sigma_t)/(\bar
 (\mathrm{tr}\Sigma + 4\sigma_t)/(\bar Q - 4\sigma_q)]`. The target is the horizon-matched
 analytic value :math:`\mathrm{tr}\Sigma / \bar Q`, not B_simple(theta_t) itself: the EMA looks
 back about 4 steps while B_simple doubles every 4-5, so the reading trails the current value by
-2-3x, by design of the average, not by error (docs/optim_control.md prints both).
+1.8-2.8x, by design of the average, not by error (docs/optim_control.md prints both).
 """
 
 from __future__ import annotations
@@ -143,12 +143,12 @@ def test_the_reading_tracks_the_analytic_noise_scale(rows):
 
 def test_a_wrong_reading_would_miss_the_tolerance(rows):
     # The plug-in |g_bar|^2 (without -tr(Sigma)/n) is high by tr Sigma / n; with n near the
-    # reading that is about |G|^2 itself: 6 standard deviations at step 0, 20 to 52 later, so a
-    # controller fed with it (reading about half of B_simple) fails the check above. So does
-    # the usual accumulation slip, (loss / k).backward() inside each block with no example
-    # weights (every record scaled by 1/k^2: it fails at step 4, the first with k = 3). The box
-    # is -25% / +40% of the reference after warm-up: it would not tell B_noise (12-24% from
-    # B_simple on this path) from B_simple.
+    # reading that is about |G|^2 itself: 6 to 52 standard deviations (6 at step 0, over 19
+    # from step 3), so a controller fed with it (reading about half of B_simple) fails the check
+    # above. So does the usual accumulation slip, (loss / k).backward() inside each block with
+    # no example weights (every record scaled by 1/k^2: it fails at step 4, the first with
+    # k = 3). The box is -19% / +31% of the reference at the end: it would not tell B_noise
+    # (12-24% from B_simple on this path) from B_simple.
     for step, row in enumerate(rows):
         assert row["naive_grad_sq"] - row["grad_sq"] > Z * row["grad_sq_sd"], step
 
