@@ -101,6 +101,7 @@ class NoisyQuadratic:
 
     @property
     def theta_star(self) -> torch.Tensor:
+        """The minimizer :math:`\\theta^* = 0`."""
         return torch.zeros(self.dim, dtype=self.dtype)
 
     def model(self, theta: torch.Tensor) -> QuadraticModel:
