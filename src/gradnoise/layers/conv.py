@@ -54,6 +54,7 @@ from gradnoise.layers.registry import (
     pieces_from_per_example,
     register,
     require_batched,
+    settled,
 )
 
 __all__ = [
@@ -387,7 +388,7 @@ def _bmm(cols: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pi
         return pieces_from_per_example(_per_example(cols, grads, shape), request, "bmm")
     chunk = max(1, BMM_CHUNK_BYTES // (math.prod(shape) * cols.element_size()))
     parts = [
-        pieces_from_per_example(_per_example(c, g, shape), request, "bmm")
+        settled(pieces_from_per_example(_per_example(c, g, shape), request, "bmm"), request)
         for c, g in zip(cols.split(chunk), grads.split(chunk), strict=True)
     ]
     if len(parts) == 1:

@@ -35,6 +35,7 @@ from gradnoise.layers.registry import (
     pieces_from_per_example,
     register,
     require_batched,
+    settled,
 )
 
 __all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "AddmmRule", "LinearRule", "choose_method"]
@@ -118,7 +119,8 @@ def _bias_pieces(rows: torch.Tensor, request: Request, row_sq: torch.Tensor | No
 
 def _weight_pieces(acts, grads, request: Request, row_sq: torch.Tensor | None) -> Pieces:
     if request.factored:  # this use's own terms as usual, plus its factors for the cross terms
-        own = _weight_pieces(acts, grads, Request(batch=request.batch), row_sq)
+        plain = Request(batch=request.batch)
+        own = settled(_weight_pieces(acts, grads, plain, row_sq), plain)
         return dataclasses.replace(own, recompute=None, factors=Factors(right=acts, left=grads))
     batch, seq, d_in = acts.shape
     method = choose_method(batch, seq, d_in, grads.shape[-1], request)
@@ -159,7 +161,7 @@ def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
     bytes_per_example = d_in * grads.shape[-1] * acts.element_size()
     chunk = max(1, BMM_CHUNK_BYTES // bytes_per_example)
     parts = [
-        pieces_from_per_example(torch.bmm(g.mT, a), request, "bmm")
+        settled(pieces_from_per_example(torch.bmm(g.mT, a), request, "bmm"), request)
         for a, g in zip(acts.split(chunk), grads.split(chunk), strict=True)
     ]
     if len(parts) == 1:

@@ -25,6 +25,7 @@ get float32 (or float64) tensors; the engine upcasts half-precision data before 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from gradnoise.errors import GradNoiseError, explain
 from gradnoise.layers.factors import Factors
 
 __all__ = [
+    "DEFER_NUMEL",
     "GRAM_TOLERANCE",
     "BaseRule",
     "Pieces",
@@ -48,6 +50,7 @@ __all__ = [
     "registered_rules",
     "require_batched",
     "rule_for",
+    "settled",
     "sq_norm",
 ]
 
@@ -71,7 +74,9 @@ class Pieces:
     grad         sum over examples of the per-example gradients (the batch gradient contribution)
     sq_norms     (B,) squared norms of the per-example gradients, or None when materialized
     elem_sq      elementwise sum over examples of squared per-example gradients, or None
-    per_example  (B, *param.shape) per-example gradients, only when ``Request.materialize``
+    per_example  (B, *param.shape) per-example gradients: on ``Request.materialize``, and for
+                 small parameters (at most ``DEFER_NUMEL`` numbers in all), whose squared norms
+                 the engine then takes when results are read, batched over parameters
     method       how they were computed, for the coverage report
     recompute    optional: rebuilds ``grad`` from factors smaller than it, so the engine need
                  not keep ``grad`` itself (autograd can then adopt it as ``.grad`` uncopied)
@@ -136,13 +141,30 @@ def gram_unsure(norm_products: torch.Tensor, sq_norms: torch.Tensor) -> torch.Te
     return (eps * bound > GRAM_TOLERANCE * sq_norms).any()
 
 
+# Per-example gradients of at most this many numbers (a norm layer's (B, C)) are handed over
+# whole: their squared norms cost one small op each here, and one op per group of equal shapes
+# when the engine takes them at the end (stats/accumulate.py, settle).
+DEFER_NUMEL = 1 << 16
+
+
 def pieces_from_per_example(per_example: torch.Tensor, request: Request, method: str) -> Pieces:
-    """Reduce materialized per-example gradients ``(B, *shape)`` to the pieces a request needs."""
-    if request.materialize:
+    """Reduce materialized per-example gradients ``(B, *shape)`` to the pieces a request needs
+    (small ones are handed over whole, their reductions left to the engine)."""
+    if request.materialize or per_example.numel() <= DEFER_NUMEL:
         return Pieces(per_example.sum(0), None, None, per_example, method)
-    sq_norms = batched_sq_norms(per_example)
+    return settled(Pieces(per_example.sum(0), None, None, per_example, method), request)
+
+
+def settled(pieces: Pieces, request: Request) -> Pieces:
+    """``pieces`` with the squared norms (and elementwise squares) of handed-over per-example
+    gradients taken now, for callers that combine pieces themselves (chunks, factors)."""
+    if pieces.per_example is None or request.materialize:
+        return pieces
+    per_example = pieces.per_example
     elem_sq = per_example.pow(2).sum(0) if request.elementwise else None
-    return Pieces(per_example.sum(0), sq_norms, elem_sq, None, method)
+    return dataclasses.replace(
+        pieces, sq_norms=batched_sq_norms(per_example), elem_sq=elem_sq, per_example=None
+    )
 
 
 class Rule(Protocol):

@@ -3,7 +3,9 @@
 A parameter used once contributes squared norms directly. A parameter used k > 1 times (tied
 embeddings, a module called twice) has per-example gradient :math:`g_i = \\sum_u g_{i,u}`, whose
 squared norm has cross terms between uses; its uses therefore hand over materialized per-example
-gradients, summed here, and the norms are taken at the end.
+gradients, summed here, and the norms are taken at the end. Small parameters (norm layers,
+biases) hand theirs over too: :func:`settle` takes the norms of all of them when results are read,
+one op per group of equal shapes instead of a few small ops per parameter in backward.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import torch
 
 from gradnoise.errors import GradNoiseError, NonFiniteGradientError, explain
 from gradnoise.layers.factors import cross_inner, row_norm_products
-from gradnoise.layers.registry import Pieces, batched_sq_norms, gram_unsure, sq_norm
+from gradnoise.layers.registry import (
+    DEFER_NUMEL,
+    SQ_NORM_SHORT,
+    Pieces,
+    batched_sq_norms,
+    gram_unsure,
+    sq_norm,
+)
 from gradnoise.stats.moments import GradMoments
 
-__all__ = ["Accumulator", "check_residual", "residual_tolerance"]
+__all__ = ["Accumulator", "check_residual", "residual_tolerance", "settle"]
 
 
 class Accumulator:
@@ -29,10 +38,13 @@ class Accumulator:
         self._elem_sq = pieces.elem_sq
         self._per_example = pieces.per_example
         self.methods = [pieces.method]
-        # ||sum_i g_i||^2 while the gradient is still in cache; materialized pieces come from
-        # shared parameters or the fallback, whose sums may still grow, so they wait until asked
+        # ||sum_i g_i||^2 of a large gradient while it is still in cache; materialized pieces
+        # come from shared parameters, the fallback or small parameters, whose sums may still
+        # grow, and small gradients are batched by settle(), so they wait until asked
         shared = pieces.per_example is not None or pieces.factors is not None
-        self._grad_sq: torch.Tensor | None = None if shared else sq_norm(self.grad)
+        # (kept now when the gradient may be released for a recompute)
+        later = shared or (self.grad.numel() <= SQ_NORM_SHORT and pieces.recompute is None)
+        self._grad_sq: torch.Tensor | None = None if later else sq_norm(self.grad)
         self._recompute = pieces.recompute
         self._dropped = False  # see drop_grad
         self.unsure = [] if pieces.unsure is None else [pieces.unsure]
@@ -69,7 +81,8 @@ class Accumulator:
                         "of all ranks' examples (norms, noise scale per parameter)",
                     )
                 )
-            self.grad = self._recompute()
+            with torch.no_grad():  # from the block's activations, outside backward
+                self.grad = self._recompute()
         return self.grad
 
     def add(self, pieces: Pieces) -> None:
@@ -134,6 +147,35 @@ class Accumulator:
         distinct = "+".join(sorted(set(self.methods)))
         uses = len(self.methods)
         return distinct if uses == 1 else f"{distinct} (shared by {uses} uses)"
+
+
+@torch.no_grad()
+def settle(accumulators, elementwise: bool) -> None:
+    """Take the pending reductions of every accumulator at once (all uses are in): the squared
+    norms of handed-over per-example gradients, and ``||sum_i g_i||^2`` of small gradients, one
+    :func:`~gradnoise.layers.registry.batched_sq_norms` per group of equal shapes."""
+    rows: dict[tuple, list[Accumulator]] = {}
+    grads: dict[tuple, list[Accumulator]] = {}
+    for acc in accumulators:
+        pending = acc._per_example
+        if pending is not None and pending.numel() <= DEFER_NUMEL:
+            rows.setdefault(_group_key(pending), []).append(acc)
+        if acc._grad_sq is None and acc.grad is not None and acc.grad.numel() <= SQ_NORM_SHORT:
+            grads.setdefault(_group_key(acc.grad), []).append(acc)
+    for group in rows.values():
+        stacked = torch.stack([acc._per_example for acc in group])  # (k, B, *shape)
+        norms = batched_sq_norms(stacked.flatten(0, 1)).view(len(group), -1)
+        elem_sq = stacked.pow(2).sum(1) if elementwise else [None] * len(group)
+        for acc, norm, squares in zip(group, norms, elem_sq, strict=True):
+            acc._sq_norms, acc._elem_sq, acc._per_example = norm, squares, None
+    for group in grads.values():
+        norms = batched_sq_norms(torch.stack([acc.grad for acc in group]))
+        for acc, norm in zip(group, norms, strict=True):
+            acc._grad_sq = norm
+
+
+def _group_key(tensor: torch.Tensor) -> tuple:
+    return (tuple(tensor.shape), tensor.dtype, tensor.device)
 
 
 def _row_sums(factors) -> torch.Tensor:

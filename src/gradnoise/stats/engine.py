@@ -18,7 +18,7 @@ from torch import nn
 
 from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers.plan import Plan, plan_for
-from gradnoise.stats.accumulate import Accumulator
+from gradnoise.stats.accumulate import Accumulator, settle
 from gradnoise.stats.moments import GradMoments
 from gradnoise.stats.quantities import NoiseScaleEstimate, layer_estimates, noise_scale_from_sums
 from gradnoise.stats.recorder import Recorder
@@ -88,6 +88,7 @@ class GradStats:
         self._checked = False
         self._moments: dict[str, GradMoments] | None = None
         self._estimates: tuple | None = None
+        self._rows: tuple | None = None  # see _sq_norm_rows
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> GradStats:
@@ -116,7 +117,7 @@ class GradStats:
             self._plan, elementwise=self.elementwise, loss_reduction=self.loss_reduction
         )
         self._checked, self._moments, self._weights = False, None, None
-        self._estimates = None
+        self._estimates, self._rows = None, None
         self._eager = _eager_stance(self._compiled)
         self._eager.__enter__()
         try:
@@ -146,11 +147,13 @@ class GradStats:
     def _measured(self) -> dict[str, Accumulator]:
         """The accumulators of measured parameters, after the readiness and residual checks."""
         recorder = self._require_recorder()
+        measured = {name: recorder.acc[name] for name in self._plan.params if name in recorder.acc}
         if not self._checked:
             recorder.check_ready()
             recorder.check_residuals()
+            settle(measured.values(), self.elementwise)
             self._checked = True
-        return {name: recorder.acc[name] for name in self._plan.params if name in recorder.acc}
+        return measured
 
     def _require_recorder(self) -> Recorder:
         if self._recorder is None:
@@ -263,9 +266,22 @@ class GradStats:
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""
-        measured = self._measured()
+        names, rows = self._sq_norm_rows()
         scale = self._example_scale()
-        return {name: acc.sq_norms() * scale**2 for name, acc in measured.items()}
+        if isinstance(rows, torch.Tensor):  # one op for all parameters, rows are views
+            return dict(zip(names, (rows * scale**2).unbind(), strict=True))
+        return {name: row * scale**2 for name, row in zip(names, rows, strict=True)}
+
+    def _sq_norm_rows(self) -> tuple[list[str], torch.Tensor | list[torch.Tensor]]:
+        """Every measured parameter's ``(B,)`` squared norms in autograd's scale, stacked into
+        one ``(P, B)`` tensor when they share a dtype and device (else a list)."""
+        if self._rows is None:
+            measured = self._measured()
+            rows = [acc.sq_norms() for acc in measured.values()]
+            if len({(row.dtype, row.device) for row in rows}) == 1:
+                rows = torch.stack(rows)
+            self._rows = (list(measured), rows)
+        return self._rows
 
     def total_sq_norms(self) -> torch.Tensor:
         """``(B,)`` squared norms of the whole-model per-example gradients."""
@@ -279,7 +295,11 @@ class GradStats:
         ``gradient_noise_scale(stats.moments())``.
         """
         measured = self._measured()
-        sq_norm_sum = torch.stack([acc.sq_norms().sum() for acc in measured.values()]).sum()
+        _, rows = self._sq_norm_rows()
+        if isinstance(rows, torch.Tensor):
+            sq_norm_sum = rows.sum(1).sum()
+        else:
+            sq_norm_sum = torch.stack([row.sum() for row in rows]).sum()
         sum_sq_norm = torch.stack([acc.grad_sq_norm() for acc in measured.values()]).sum()
         _require_batch(self._count)
         return noise_scale_from_sums(
