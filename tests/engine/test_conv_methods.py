@@ -223,3 +223,32 @@ def test_cost_model_picks_gram_for_late_stages_and_grouped_for_early_ones():
             assert conv.choose_method(_sizes(batch, 64, 64, 32), request) == "grouped"
     # depthwise: no channels to contract, so U^T U is cheaper from the unfolded input
     assert conv.choose_gram_input(_sizes(32, 512, 512, 4, groups=512)) == "unfold"
+
+
+@pytest.mark.parametrize(
+    ("dims", "size", "kernel", "options"),
+    [
+        (2, (5, 6), 1, {}),
+        (2, (5, 6), 1, {"stride": 2}),
+        (2, (5, 6), 1, {"stride": (2, 3), "groups": 2}),
+        (2, (4, 5), 3, {"stride": 2}),
+        (2, (3, 3), 3, {}),
+        (2, (4, 3), 3, {"stride": 2, "groups": 2}),
+        (1, (7,), 1, {"stride": 3}),
+        (1, (4,), 3, {"stride": 2}),
+    ],
+)
+def test_columns_read_from_the_input_equal_unfold(dims, size, kernel, options):
+    """1x1 kernels and single output positions take their columns from the input itself."""
+    rule = RULES[dims]
+    x = torch.randn(3, 4, *size, dtype=torch.float64)
+    weight = torch.randn(6, 4 // options.get("groups", 1), *(kernel,) * dims, dtype=torch.float64)
+    bound = rule.bind(x, weight, None, **options)
+    out_shape = FUNCTIONS[dims](x, weight, None, **options).shape[2:]
+    groups, stride = options.get("groups", 1), options.get("stride", 1)
+    image = x if dims == 2 else x.unsqueeze(2)
+    unfold_kernel = (kernel,) * 2 if dims == 2 else (1, kernel)
+    unfold_stride = stride if dims == 2 else (1, stride)
+    want = F.unfold(image, unfold_kernel, stride=unfold_stride)
+    want = want.reshape(3, groups, -1, want.shape[-1])
+    torch.testing.assert_close(rule._unfold(bound, out_shape), want, rtol=0, atol=0)

@@ -236,7 +236,7 @@ class ConvRule(BaseRule):
         grads = grad_output.reshape(sizes.batch, sizes.groups, sizes.outputs, sizes.positions)
         if method == "gram":
             return self._gram(bound, grad_output, grads, sizes)
-        cols = self._unfold(bound)
+        cols = self._unfold(bound, grad_output.shape[2:])
         if method == "product":
             return _product(cols[..., 0], grads[..., 0], bound["weight"].shape, request)
         return _bmm(cols, grads, bound["weight"].shape, request)
@@ -257,7 +257,7 @@ class ConvRule(BaseRule):
         if choose_gram_input(sizes) == "padded":
             input_grams = self._padded_input_grams(bound, grad_output.shape[2:])
         else:
-            cols = self._unfold(bound)
+            cols = self._unfold(bound, grad_output.shape[2:])
             input_grams = torch.matmul(cols.mT, cols)
         output_grams = torch.matmul(grads.mT, grads)
         sq_norms = (input_grams * output_grams).sum((1, 2, 3))
@@ -308,12 +308,21 @@ class ConvRule(BaseRule):
         )
         return per_example.reshape(batch, *weight.shape)
 
-    def _unfold(self, bound) -> torch.Tensor:
-        """``(B, groups, f, L)``: column l holds the inputs that output position l sees."""
+    def _unfold(self, bound, out_shape=None) -> torch.Tensor:
+        """``(B, groups, f, L)``: column l holds the inputs that output position l sees.
+
+        Without padding, a 1x1 kernel's columns are the (strided) input itself and a single
+        output position's column is the input's top-left kernel window: both without
+        ``F.unfold``'s copy (``out_shape``: the output's spatial shape, if known).
+        """
         acts, _ = self._padded_input(bound)
         padding = bound["padding"]
         padding = (0,) * self.dims if isinstance(padding, str) else _tuple(padding, self.dims)
         dilation, stride = _tuple(bound["dilation"], self.dims), _tuple(bound["stride"], self.dims)
+        window = _window(acts, bound["weight"].shape[2:], padding, dilation, stride, out_shape)
+        if window is not None:
+            columns, positions = window
+            return columns.reshape(acts.shape[0], bound["groups"], -1, positions)
         args = [tuple(bound["weight"].shape[2:]), dilation, padding, stride]
         if self.dims == 1:  # F.unfold takes images only: a signal is an image of height 1
             acts = acts.unsqueeze(2)
@@ -364,6 +373,20 @@ class ConvRule(BaseRule):
         return tuple(n + pads[2 * a] + pads[2 * a + 1] for a, n in enumerate(spatial))
 
 
+def _window(acts, kernel, padding, dilation, stride, out_shape):
+    """``(columns, L)``: the columns as a view (or strided slice) of the input, channel-major as
+    ``F.unfold`` orders them, where no copy is needed; else None."""
+    if any(padding):
+        return None
+    if all(k == 1 for k in kernel):  # each output position reads one input position
+        if any(s != 1 for s in stride):
+            acts = acts[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        return acts, math.prod(acts.shape[2:])
+    if out_shape is not None and math.prod(out_shape) == 1 and all(d == 1 for d in dilation):
+        return acts[(slice(None), slice(None), *(slice(0, k) for k in kernel))], 1
+    return None
+
+
 def _row_sq_norms(tensor: torch.Tensor) -> torch.Tensor:
     """``(B, groups)`` squared norms of the rows of a ``(B, groups, n)`` tensor."""
     return batched_sq_norms(tensor.flatten(0, 1)).view(tensor.shape[:2])
@@ -371,12 +394,20 @@ def _row_sq_norms(tensor: torch.Tensor) -> torch.Tensor:
 
 def _product(acts: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pieces:
     """One output position: ``acts`` ``(B, groups, f)``, ``grads`` ``(B, groups, o)``."""
-    grad = torch.einsum("bgo,bgf->gof", grads, acts).reshape(shape)
+    grad = _summed_outer(grads, acts).reshape(shape)
     sq_norms = (_row_sq_norms(grads) * _row_sq_norms(acts)).sum(1)
     elem_sq = None
     if request.elementwise:
-        elem_sq = torch.einsum("bgo,bgf->gof", grads.pow(2), acts.pow(2)).reshape(shape)
+        elem_sq = _summed_outer(grads.pow(2), acts.pow(2)).reshape(shape)
     return Pieces(grad, sq_norms, elem_sq, None, "product")
+
+
+def _summed_outer(grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """``(g, o, f)``: sum over b of ``grads[b, j] acts[b, j]^T`` (one GEMM per group, batched
+    over groups; ``einsum`` picks a much slower plan for many small groups)."""
+    if grads.shape[1] == 1:
+        return (grads[:, 0].T @ acts[:, 0]).unsqueeze(0)
+    return torch.bmm(grads.permute(1, 2, 0), acts.transpose(0, 1))
 
 
 def _per_example(cols: torch.Tensor, grads: torch.Tensor, shape) -> torch.Tensor:
