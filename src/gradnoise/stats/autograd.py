@@ -40,9 +40,11 @@ class Call:
     positions: list[int] = field(default_factory=list)
     discarded: set[str] = field(default_factory=set)  # roles left to an enclosing fallback
     out_dtype: torch.dtype | None = None
+    uniform: bool = False  # every floating bound tensor has out_dtype, a float32/64 one
     versions: dict[str, int] = field(default_factory=dict)  # of the bound tensors, at forward
 
     def __post_init__(self) -> None:
+        self.roles = tuple(self.names)
         read = getattr(self.rule, "reads_in_backward", None)
         self.versions = {
             key: value._version
@@ -88,17 +90,28 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _pieces_backward(recorder, call: Call, grad_output: torch.Tensor) -> list[torch.Tensor]:
     """The rule's pieces, from the call's data upcast and broadcast inputs expanded to the batch."""
     call.check_unchanged()
-    dtype = stats_dtype(call.out_dtype)
-    bound = _cast_floats(call.bound, dtype)
+    if call.uniform and grad_output.dtype == call.out_dtype:  # nothing to cast (the usual case)
+        bound = dict(call.bound) if call.broadcast else call.bound
+    else:
+        dtype = stats_dtype(call.out_dtype)
+        bound = _cast_floats(call.bound, dtype)
+        grad_output = grad_output.to(dtype)
     if call.broadcast:
         batched = bound[call.batched]
         bound[call.batched] = batched.expand(recorder.batch, *batched.shape[1:])
-    pieces = recorder.rule_backward(call, bound, grad_output.to(dtype))
+    pieces = recorder.rule_backward(call, bound, grad_output)
+    if call.uniform:
+        return [pieces[role].grad for role in call.names]
     return [pieces[role].grad.to(call.bound[role].dtype) for role in call.names]
 
 
 def _expand_output(recorder, call: Call, output: torch.Tensor) -> torch.Tensor:
-    call.out_dtype = output.dtype
+    dtype = call.out_dtype = output.dtype
+    call.uniform = dtype == stats_dtype(dtype) and all(
+        value.dtype == dtype
+        for value in call.bound.values()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    )
     if not call.broadcast:
         return output
     return output.expand(recorder.batch, *output.shape[1:])
@@ -145,11 +158,15 @@ class Fused(torch.autograd.Function):
 def _input_grad(call: Call, grad_output: torch.Tensor) -> torch.Tensor:
     """The batched input's gradient, computed in the dtype the op ran in (as autocast does)."""
     batched = call.bound[call.batched]
+    if call.uniform and grad_output.dtype == call.out_dtype:
+        return _summed_if_broadcast(call, call.rule.input_grad(call.bound, grad_output, call.roles))
     bound = _cast_floats(call.bound, call.out_dtype)
-    grad = call.rule.input_grad(bound, grad_output.to(call.out_dtype), tuple(call.names))
-    if call.broadcast:
-        grad = grad.sum(0, keepdim=True)
-    return grad.to(batched.dtype)
+    grad = call.rule.input_grad(bound, grad_output.to(call.out_dtype), call.roles)
+    return _summed_if_broadcast(call, grad).to(batched.dtype)
+
+
+def _summed_if_broadcast(call: Call, grad: torch.Tensor) -> torch.Tensor:
+    return grad.sum(0, keepdim=True) if call.broadcast else grad
 
 
 def _no_autocast(device: torch.device):

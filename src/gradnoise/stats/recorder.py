@@ -81,6 +81,7 @@ class Recorder:
         self._mode: RuleMode | None = None
         self.stale_shards: list[str] = []
         self._factorable_names: dict[str, bool] = {}
+        self._plain_request: Request | None = None  # see request()
         self.shard_sq_norms: dict[str, torch.Tensor] = {}  # ||reduced shard||^2, FSDP2 only
 
     def install(self) -> None:
@@ -131,9 +132,14 @@ class Recorder:
         rule = rule_for(func)
         if rule is not None:
             bound = rule.bind(*args, **kwargs)
-            roles = tuple(role for role in rule.param_roles if self._name_of(bound.get(role)))
+            names = {}
+            for role in rule.param_roles:
+                name = self._name_of(bound.get(role))
+                if name is not None:
+                    names[role] = name
+            roles = tuple(names)
             if roles and rule.applies(bound, roles, self.batch or self.batch_hint):
-                return self._ruled(rule, bound, roles)
+                return self._ruled(rule, bound, roles, names)
         tracked = self._tracked_in(args, kwargs)
         if not tracked:
             return func(*args, **kwargs)
@@ -164,8 +170,7 @@ class Recorder:
                     found[id(self.plan.params[name])] = name
         return found
 
-    def _ruled(self, rule: Rule, bound: dict, roles: tuple[str, ...]) -> torch.Tensor:
-        names = {role: self._name_of(bound[role]) for role in roles}
+    def _ruled(self, rule: Rule, bound: dict, roles: tuple[str, ...], names: dict) -> torch.Tensor:
         where = f"{rule.name} of {names[roles[0]]!r}"
         self._check_not_checkpointed(where)
         examples = rule.count_examples(bound, roles, self.batch or self.batch_hint)
@@ -340,6 +345,10 @@ class Recorder:
         """What a use must hand over: shared parameters need their per-example gradients, as
         factors when every use of them can give factors (tied embedding and head), else whole."""
         shared = [name for name in names if self.uses[name] > 1]
+        if not shared:  # the usual case: one request for the whole block
+            if self._plain_request is None:
+                self._plain_request = Request(elementwise=self.elementwise, batch=self.batch)
+            return self._plain_request
         factored = [n for n in shared if not self.elementwise and self._factorable(n)]
         return Request(
             elementwise=self.elementwise,
@@ -364,9 +373,7 @@ class Recorder:
         """The rule's pieces for every role; the kept ones are accumulated."""
         self._on_backward()
         kept = {role: name for role, name in call.names.items() if role not in call.discarded}
-        pieces = call.rule.backward(
-            bound, grad_output, tuple(call.names), self.request(kept.values())
-        )
+        pieces = call.rule.backward(bound, grad_output, call.roles, self.request(kept.values()))
         for role, name in kept.items():
             self._accumulate(name, pieces[role])
         return pieces
