@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gradnoise.layers import conv
-from gradnoise.layers.registry import Request, pieces_from_per_example
+from gradnoise.layers.registry import Request, pieces_from_per_example, settled
 
 # (C_in, C_out, map side): ResNet-18's 3x3 convolutions, late stages first, then an early one
 SHAPES = [(512, 512, 1), (512, 512, 2), (256, 256, 4), (64, 64, 32)]
@@ -87,7 +87,7 @@ def fit(reps: int) -> dict[str, float]:
         timed = {
             "grouped": (partial(RULE._per_example_weight, bound, grads), elements),
             "bmm": (partial(chunked_products, cols, rows, bound["weight"].shape), elements),
-            "pass": (partial(pieces_from_per_example, per_example, Request(), "x"), 2 * elements),
+            "pass": (partial(_reduced, per_example), 2 * elements),
         }
         for name, (fn, count) in timed.items():
             found[name].append(best_ms(fn, reps) / count / mac)
@@ -110,6 +110,11 @@ def chunked_products(cols: torch.Tensor, rows: torch.Tensor, shape) -> None:
         conv._per_example(part_cols, part_rows, shape)
 
 
+def _reduced(per_example: torch.Tensor):
+    """The two reduction passes (sum, squared norms), small gradients included."""
+    return settled(pieces_from_per_example(per_example, Request(), "x"), Request())
+
+
 def unfolded_gram(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (torch.matmul(cols.mT, cols) * torch.matmul(rows.mT, rows)).sum((1, 2, 3))
 
@@ -119,9 +124,13 @@ def gather_step(bound, grads):
     acts = F.pad(bound["input"], RULE._all_pads(bound))
     flat = acts.reshape(acts.shape[0], 1, acts.shape[1], -1)
     grams = torch.matmul(flat.mT, flat).flatten(2).permute(2, 0, 1).contiguous().flatten(1)
-    taps = RULE._tap_positions(acts.shape[2:], bound, grads.shape[2:], acts.device)
-    pairs = (taps[:, :, None] * flat.shape[-1] + taps[:, None, :]).flatten()
-    return partial(_gather, grams, pairs, taps.shape[0]), acts.shape[0] * pairs.numel()
+    kernel = tuple(bound["weight"].shape[2:])
+    stride, dilation = conv._tuple(bound["stride"], 2), conv._tuple(bound["dilation"], 2)
+    padded, out_shape = tuple(acts.shape[2:]), tuple(grads.shape[2:])
+    pairs = conv._tap_pairs(padded, kernel, stride, dilation, out_shape, acts.device)
+    taps = pairs.shape[0]
+    pairs = pairs.flatten()
+    return partial(_gather, grams, pairs, taps), acts.shape[0] * pairs.numel()
 
 
 def _gather(grams, pairs, taps):

@@ -38,6 +38,7 @@ example i is :math:`G_i` summed over positions (``direct``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -101,6 +102,7 @@ class ConvSizes(NamedTuple):
     outputs: int  # o, output channels per group
     positions: int  # L, output positions
     padded: int  # P, positions of the zero-padded input
+    windowed: bool = False  # the columns are a view of the input (no unfold; see _window)
 
     @property
     def fan_in(self) -> int:
@@ -123,7 +125,7 @@ def choose_method(sizes: ConvSizes, request: Request) -> str:
 def method_costs(sizes: ConvSizes, request: Request) -> dict[str, float]:
     """Estimated cost of each method that can serve ``request`` (multiply-add times)."""
     s, elements = sizes, sizes.elements
-    unfolded = UNFOLD_COST * s.batch * s.groups * s.fan_in * s.positions
+    unfolded = 0.0 if s.windowed else UNFOLD_COST * s.batch * s.groups * s.fan_in * s.positions
     passes = 1 if request.materialize else 3 if request.elementwise else 2
     reductions = PASS_COST * passes * elements
     costs = {
@@ -144,7 +146,9 @@ def choose_gram_input(sizes: ConvSizes) -> str:
 
 
 def _gram_input_costs(s: ConvSizes) -> dict[str, float]:
-    unfold = UNFOLD_COST * s.fan_in * s.positions + GRAM_COST * s.fan_in * s.positions**2
+    unfold = (0.0 if s.windowed else UNFOLD_COST * s.fan_in * s.positions) + (
+        GRAM_COST * s.fan_in * s.positions**2
+    )
     padded = GRAM_COST * s.channels * s.padded**2 + GATHER_COST * s.taps * s.positions**2
     return {"unfold": s.batch * s.groups * unfold, "padded": s.batch * s.groups * padded}
 
@@ -251,7 +255,20 @@ class ConvRule(BaseRule):
             outputs=weight.shape[0] // groups,
             positions=math.prod(grad_output.shape[2:]),
             padded=math.prod(self._padded_shape(bound)),
+            windowed=self._windowed(bound, grad_output.shape[2:]),
         )
+
+    def _windowed(self, bound, out_shape) -> bool:
+        """Whether :meth:`_unfold` reads the columns from the input without a copy."""
+        padding = bound["padding"]
+        if padding == "same":
+            pads = self._all_pads(bound)
+            if any(pads):
+                return False
+        padding = (0,) * self.dims if isinstance(padding, str) else _tuple(padding, self.dims)
+        kernel = bound["weight"].shape[2:]
+        dilation = _tuple(bound["dilation"], self.dims)
+        return _windowable(kernel, padding, dilation, out_shape)
 
     def _gram(self, bound, grad_output: torch.Tensor, grads, sizes: ConvSizes) -> Pieces:
         if choose_gram_input(sizes) == "padded":
@@ -274,21 +291,12 @@ class ConvRule(BaseRule):
         flat = acts.reshape(batch, groups, -1, math.prod(acts.shape[2:]))
         # (P * P, B, groups): gathering whole rows is ~10x faster than gathering along a last dim
         grams = torch.matmul(flat.mT, flat).flatten(2).permute(2, 0, 1).contiguous()
-        taps = self._tap_positions(acts.shape[2:], bound, out_shape, acts.device)
-        pairs = taps[:, :, None] * flat.shape[-1] + taps[:, None, :]  # (K, L, L) into P x P
+        kernel = tuple(bound["weight"].shape[2:])
+        stride, dilation = _tuple(bound["stride"], self.dims), _tuple(bound["dilation"], self.dims)
+        padded, out_shape = tuple(acts.shape[2:]), tuple(out_shape)
+        pairs = _tap_pairs(padded, kernel, stride, dilation, out_shape, acts.device)  # (K, L, L)
         picked = grams.index_select(0, pairs.flatten()).view(*pairs.shape, batch, groups)
         return picked.sum(0).permute(2, 3, 0, 1)
-
-    def _tap_positions(self, padded, bound, out_shape, device) -> torch.Tensor:
-        """``(K, L)``: where in the flattened padded input tap t of output position l reads."""
-        kernel = bound["weight"].shape[2:]
-        stride, dilation = _tuple(bound["stride"], self.dims), _tuple(bound["dilation"], self.dims)
-        index = torch.zeros(1, 1, dtype=torch.long, device=device)
-        for size, k, s, d, n in zip(padded, kernel, stride, dilation, out_shape, strict=True):
-            axis = torch.arange(k, device=device)[:, None] * d + torch.arange(n, device=device) * s
-            index = index[:, None, :, None] * size + axis[None, :, None, :]
-            index = index.flatten(0, 1).flatten(1, 2)
-        return index
 
     def _weight_grad(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
         """The plain (summed) weight gradient."""
@@ -376,15 +384,40 @@ class ConvRule(BaseRule):
 def _window(acts, kernel, padding, dilation, stride, out_shape):
     """``(columns, L)``: the columns as a view (or strided slice) of the input, channel-major as
     ``F.unfold`` orders them, where no copy is needed; else None."""
-    if any(padding):
+    if not _windowable(kernel, padding, dilation, out_shape):
         return None
     if all(k == 1 for k in kernel):  # each output position reads one input position
         if any(s != 1 for s in stride):
             acts = acts[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
         return acts, math.prod(acts.shape[2:])
-    if out_shape is not None and math.prod(out_shape) == 1 and all(d == 1 for d in dilation):
-        return acts[(slice(None), slice(None), *(slice(0, k) for k in kernel))], 1
-    return None
+    return acts[(slice(None), slice(None), *(slice(0, k) for k in kernel))], 1
+
+
+def _windowable(kernel, padding, dilation, out_shape) -> bool:
+    """No padding, and a 1x1 kernel or a single output position with an undilated kernel."""
+    if any(padding):
+        return False
+    if all(k == 1 for k in kernel):
+        return True
+    return out_shape is not None and math.prod(out_shape) == 1 and all(d == 1 for d in dilation)
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_pairs(padded, kernel, stride, dilation, out_shape, device) -> torch.Tensor:
+    """``(K, L, L)``: the entries of the padded input's ``P x P`` Gram that taps of output
+    positions l and l' read (built once per shape and device: a model has a few dozen)."""
+    taps = _tap_positions(padded, kernel, stride, dilation, out_shape)
+    return (taps[:, :, None] * math.prod(padded) + taps[:, None, :]).to(device)
+
+
+def _tap_positions(padded, kernel, stride, dilation, out_shape) -> torch.Tensor:
+    """``(K, L)``: where in the flattened padded input tap t of output position l reads."""
+    index = torch.zeros(1, 1, dtype=torch.long)
+    for size, k, s, d, n in zip(padded, kernel, stride, dilation, out_shape, strict=True):
+        axis = torch.arange(k)[:, None] * d + torch.arange(n) * s
+        index = index[:, None, :, None] * size + axis[None, :, None, :]
+        index = index.flatten(0, 1).flatten(1, 2)
+    return index
 
 
 def _row_sq_norms(tensor: torch.Tensor) -> torch.Tensor:
