@@ -158,3 +158,14 @@ def test_training_loop_resumes_bit_for_bit():
     assert straight[3].state_dict() == resumed[3].state_dict()
     for a, b in zip(straight[0].parameters(), resumed[0].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_target_beyond_the_cap_reaches_the_cap_even_inside_the_hysteresis_band():
+    control = BatchSizeController(
+        micro_batch=16, target_multiple=1.0, max_accumulation=64, hysteresis=0.25, warmup=0
+    )
+    assert control.update(54 * 16).accumulation == 54
+    assert control.update(60 * 16).accumulation == 54  # inside the band: no move
+    # 80 is beyond the cap 64, and 64 itself is within 1.25x of 54: hysteresis on the clipped
+    # target would stay at 54 for ever; on the unclipped one the controller reaches the cap
+    assert control.update(80 * 16).accumulation == 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from gradnoise.control.batch_size import (
     LR_RULES,
@@ -110,16 +111,17 @@ class BatchSizeController:
         if math.isfinite(value) and value > 0:
             self.noise_scale = value
             if self.updates > self.warmup:
+                # hysteresis acts on the unclipped target, then the bounds: a target beyond
+                # max_accumulation reaches it even when the cap is within the band of `previous`
                 target = target_accumulation(
                     value,
                     multiple=self.target_multiple,
                     micro_batch=self.micro_batch,
-                    lowest=self.min_accumulation,
-                    highest=self.max_accumulation,
+                    lowest=1,
+                    highest=sys.maxsize,
                 )
-                self.accumulation = with_hysteresis(
-                    previous, target, self.hysteresis, self.grow_only
-                )
+                moved = with_hysteresis(previous, target, self.hysteresis, self.grow_only)
+                self.accumulation = min(self.max_accumulation, max(self.min_accumulation, moved))
         decision = self.decision(changed=self.accumulation != previous)
         self.progress += decision.lr_scale if self.lr_rule == "adascale" else 1.0
         return decision
