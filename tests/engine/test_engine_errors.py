@@ -401,3 +401,22 @@ def test_float32_gram_norms_of_cancelling_positions_are_refused_and_bmm_is_exact
     torch.testing.assert_close(
         stats.per_example_sq_norms()["weight"].double(), want, rtol=1e-4, atol=0
     )
+
+
+@pytest.mark.parametrize("side", [1, 2])  # product, gram: both rebuild the summed gradient
+def test_a_layer_input_changed_after_backward_is_refused_when_moments_rebuild_from_it(side):
+    torch.manual_seed(0)
+    model = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, side, side)
+    with GradStats(model) as stats:
+        model(x).square().mean().backward()
+    assert stats.coverage()["weight"] == ("product" if side == 1 else "gram")
+    want = model.weight.grad.clone()
+    torch.testing.assert_close(stats.moments()["weight"].grad_sum, want * 2)
+    with GradStats(model) as stats:
+        model(x).square().mean().backward()
+    norms = stats.per_example_sq_norms()["weight"]
+    x.mul_(2.0)  # the caller reuses the input buffer before reading the moments
+    assert torch.isfinite(norms).all()
+    with pytest.raises(GradNoiseError, match="layer input changed in place after backward"):
+        stats.moments()

@@ -53,6 +53,7 @@ from gradnoise.layers.registry import (
     batched_sq_norms,
     gram_unsure,
     pieces_from_per_example,
+    rebuilt,
     register,
     require_batched,
     settled,
@@ -242,7 +243,10 @@ class ConvRule(BaseRule):
             return self._gram(bound, grad_output, grads, sizes)
         cols = self._unfold(bound, grad_output.shape[2:])
         if method == "product":
-            return _product(cols[..., 0], grads[..., 0], bound["weight"].shape, request)
+            pieces = _product(cols[..., 0], grads[..., 0], bound["weight"].shape, request)
+            if pieces.recompute is not None:
+                pieces.recompute = rebuilt(pieces.recompute, bound["input"])
+            return pieces
         return _bmm(cols, grads, bound["weight"].shape, request)
 
     def _sizes(self, bound, grad_output: torch.Tensor) -> ConvSizes:
@@ -282,7 +286,11 @@ class ConvRule(BaseRule):
         norm_products = (input_grams.diagonal(0, 2, 3) * output_grams.diagonal(0, 2, 3)).sqrt()
         unsure = gram_unsure(norm_products, sq_norms)
         grad = self._weight_grad(bound, grad_output)
-        return Pieces(grad, sq_norms, None, None, "gram", unsure=unsure)
+        recompute = None  # from the input and output gradient, when smaller than the gradient
+        if bound["input"].numel() + grad_output.numel() < grad.numel():
+            build = lambda: self._weight_grad(bound, grad_output)  # noqa: E731
+            recompute = rebuilt(build, bound["input"])
+        return Pieces(grad, sq_norms, None, None, "gram", recompute, unsure=unsure)
 
     def _padded_input_grams(self, bound, out_shape) -> torch.Tensor:
         """``(B, groups, L, L)``: :math:`U^T U` gathered from the zero-padded input's Gram."""
@@ -432,7 +440,10 @@ def _product(acts: torch.Tensor, grads: torch.Tensor, shape, request: Request) -
     elem_sq = None
     if request.elementwise:
         elem_sq = _summed_outer(grads.pow(2), acts.pow(2)).reshape(shape)
-    return Pieces(grad, sq_norms, elem_sq, None, "product")
+    # the factors are smaller than the gradient when B g (o + f) < g o f (late stages)
+    smaller = grads.numel() + acts.numel() < grad.numel()
+    recompute = (lambda: _summed_outer(grads, acts).reshape(shape)) if smaller else None
+    return Pieces(grad, sq_norms, elem_sq, None, "product", recompute)
 
 
 def _summed_outer(grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ __all__ = [
     "gram_unsure",
     "pieces_from_per_example",
     "plain_module_types",
+    "rebuilt",
     "register",
     "registered_rules",
     "require_batched",
@@ -145,6 +146,28 @@ def gram_unsure(norm_products: torch.Tensor, sq_norms: torch.Tensor) -> torch.Te
 # whole: their squared norms cost one small op each here, and one op per group of equal shapes
 # when the engine takes them at the end (stats/accumulate.py, settle).
 DEFER_NUMEL = 1 << 16
+
+
+def rebuilt(build: Callable[[], torch.Tensor], *sources: torch.Tensor) -> Callable[[], Any]:
+    """``build`` as a ``Pieces.recompute`` that refuses to run once one of the tensors it reads
+    (a layer input kept past backward) was changed in place."""
+    versions = [source._version for source in sources]
+
+    def recompute() -> torch.Tensor:
+        if any(s._version != v for s, v in zip(sources, versions, strict=True)):
+            raise GradNoiseError(
+                explain(
+                    "GradStats.moments()",
+                    expected="the block's layer inputs unchanged until the summed gradients "
+                    "are read",
+                    got="a layer input changed in place after backward (the summed gradient "
+                    "of a parameter is rebuilt from it)",
+                    fix="read stats.moments() before reusing the input buffers",
+                )
+            )
+        return build()
+
+    return recompute
 
 
 def pieces_from_per_example(per_example: torch.Tensor, request: Request, method: str) -> Pieces:
