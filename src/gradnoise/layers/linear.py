@@ -229,7 +229,8 @@ class AddmmRule(BaseRule):
     def input_grad(
         self, bound: dict[str, Any], grad_output: torch.Tensor, roles=()
     ) -> torch.Tensor:
-        return (grad_output @ bound["mat2"].T) * bound["alpha"]
+        grad = grad_output @ bound["mat2"].T
+        return grad * bound["alpha"] if bound["alpha"] != 1 else grad
 
     def backward(self, bound, grad_output, roles, request: Request) -> dict[str, Pieces]:
         batch = request.batch
