@@ -18,7 +18,9 @@ gradient elements the weight gradient itself costs L M multiply-adds. Four ways 
 * **bmm**: materialize :math:`W_{ij}` by batched GEMMs on the unfolded input (in batch chunks),
   then reduce.
 * **grouped**: the batch folded into the channels (input ``(1, B C_in, *S)``, groups times B)
-  makes all :math:`W_i` the weight gradient of one grouped convolution, by the backend's kernel.
+  makes all :math:`W_i` the weight gradient of one grouped convolution, by the backend's kernel;
+  with one input channel per group (depthwise) they are one *forward* depthwise convolution of
+  the input with the output gradient as kernel, a much faster kernel.
 
 Costs, in multiply-add times of the plain weight gradient (constants below, measured):
 
@@ -313,6 +315,8 @@ class ConvRule(BaseRule):
 
     def _per_example_weight(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
         weight = bound["weight"]
+        if weight.shape[1] == 1:
+            return self._per_example_depthwise(bound, grad_output)
         acts, _ = self._padded_input(bound)
         batch = acts.shape[0]
         folded_acts = acts.reshape(1, -1, *acts.shape[2:])
@@ -323,6 +327,27 @@ class ConvRule(BaseRule):
             folded_grads, folded_acts, folded_weight, bound, (False, True, False), batch
         )
         return per_example.reshape(batch, *weight.shape)
+
+    def _per_example_depthwise(self, bound, grad_output: torch.Tensor) -> torch.Tensor:
+        r"""One input channel per group (depthwise): :math:`W_{i}[t] = \sum_l G_i[l]\,
+        X_i[s l + d t]` is a *forward* depthwise convolution of the padded input with the output
+        gradient as its kernel (dilated by the stride s, strided by the dilation d), cropped to
+        the kernel: the backend's forward kernel is 7-10x faster than the grouped weight
+        gradient on 7x7 kernels (ConvNeXt), and as fast on 3x3 ones."""
+        weight = bound["weight"]
+        acts = F.pad(bound["input"], self._all_pads(bound))
+        batch, channels = acts.shape[:2]
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        stride, dilation = _tuple(bound["stride"], self.dims), _tuple(bound["dilation"], self.dims)
+        correlation = conv(
+            acts.reshape(1, batch * channels, *acts.shape[2:]),
+            grad_output.reshape(batch * weight.shape[0], 1, *grad_output.shape[2:]),
+            stride=dilation,
+            dilation=stride,
+            groups=batch * channels,
+        )
+        kernel = (slice(None), slice(None), *(slice(0, k) for k in weight.shape[2:]))
+        return correlation[kernel].reshape(batch, *weight.shape)
 
     def _unfold(self, bound, out_shape=None) -> torch.Tensor:
         """``(B, groups, f, L)``: column l holds the inputs that output position l sees.
