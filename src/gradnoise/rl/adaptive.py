@@ -108,7 +108,7 @@ class GVM(AllocatorBase):
         self.measured[ids] = True
 
     def norms(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """``G_i`` per prompt: its last measured norm, else the mean of the measured ones, else 1."""
+        """``G_i``: its last measured norm, else the mean of the measured ones, else 1."""
         unmeasured = self.grad_norms[self.measured].mean() if self.measured.any() else 1.0
         return torch.where(self.measured[prompt_ids], self.grad_norms[prompt_ids], unmeasured)
 
