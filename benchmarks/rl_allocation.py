@@ -498,8 +498,10 @@ def load_tuning(args, configs: list[str], pool, start: float) -> dict:
 
 def settings(args) -> dict:
     """What a cached tuning depends on: everything but the reported seeds and the output."""
-    skip = {"seeds", "configs", "out", "tuning", "retune", "quick", "workers", "resamples"}
-    skip |= {"reanalyse"}
+    skip = {
+        *("seeds", "configs", "out", "tuning", "retune", "reanalyse"),
+        *("quick", "workers", "resamples"),
+    }
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
