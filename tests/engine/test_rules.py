@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradnoise import GradStats
-from gradnoise.layers import linear
+from gradnoise.layers import linear, registry
 from gradnoise.layers.registry import Request, settled
 from gradnoise.testing.check import reference_errors
 
@@ -86,6 +86,32 @@ def test_bmm_chunks_large_batches(monkeypatch):
     pieces = linear._bmm(acts, grads, Request(elementwise=True))
     torch.testing.assert_close(pieces.sq_norms, per_example.pow(2).sum((1, 2)))
     torch.testing.assert_close(pieces.elem_sq, per_example.pow(2).sum(0))
+
+
+def test_bmm_pieces_do_not_alias_the_reused_scratch_buffer():
+    """Per-example gradients go through one buffer kept between calls: a second call (same
+    shapes, new values) must leave the first call's pieces as they were."""
+    torch.manual_seed(0)
+    shapes = [(5, 4, 3), (5, 4, 2)]
+    first_inputs = [torch.randn(*shape) for shape in shapes]
+    first = linear._bmm(*first_inputs, Request(elementwise=True))
+    kept = [first.grad.clone(), first.sq_norms.clone(), first.elem_sq.clone()]
+    second = linear._bmm(*(torch.randn(*shape) for shape in shapes), Request(elementwise=True))
+    assert not torch.equal(second.sq_norms, kept[1])
+    for now, then in zip((first.grad, first.sq_norms, first.elem_sq), kept, strict=True):
+        torch.testing.assert_close(now, then, rtol=0, atol=0)
+    per_example = torch.einsum("bto,bti->boi", first_inputs[1], first_inputs[0])
+    torch.testing.assert_close(first.sq_norms, per_example.pow(2).sum((1, 2)))
+
+
+def test_scratch_reuses_one_cpu_buffer_and_never_keeps_large_ones():
+    like = torch.empty(0)
+    a = registry.scratch(100, like)
+    b = registry.scratch(50, like)
+    assert b.data_ptr() == a.data_ptr()  # the same memory, reused
+    large = registry.SCRATCH_KEEP_BYTES // like.element_size() + 1
+    first, second = registry.scratch(large, like), registry.scratch(large, like)  # both alive
+    assert first.data_ptr() != second.data_ptr()
 
 
 def test_cost_model_prefers_gram_for_short_sequences_and_bmm_for_long_ones():

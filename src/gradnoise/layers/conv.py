@@ -53,12 +53,12 @@ from gradnoise.layers.registry import (
     Pieces,
     Request,
     batched_sq_norms,
+    chunked_pieces,
     gram_unsure,
     pieces_from_per_example,
     rebuilt,
     register,
     require_batched,
-    settled,
 )
 
 __all__ = [
@@ -486,20 +486,12 @@ def _per_example(cols: torch.Tensor, grads: torch.Tensor, shape) -> torch.Tensor
 def _bmm(cols: torch.Tensor, grads: torch.Tensor, shape, request: Request) -> Pieces:
     if request.materialize:
         return pieces_from_per_example(_per_example(cols, grads, shape), request, "bmm")
-    chunk = max(1, BMM_CHUNK_BYTES // (math.prod(shape) * cols.element_size()))
-    parts = [
-        settled(pieces_from_per_example(_per_example(c, g, shape), request, "bmm"), request)
-        for c, g in zip(cols.split(chunk), grads.split(chunk), strict=True)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return Pieces(
-        grad=sum(p.grad for p in parts),
-        sq_norms=torch.cat([p.sq_norms for p in parts]),
-        elem_sq=sum(p.elem_sq for p in parts) if request.elementwise else None,
-        per_example=None,
-        method="bmm",
-    )
+
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        g, c = grads[start:stop], cols[start:stop]
+        torch.matmul(g, c.mT, out=out.view(*g.shape[:-1], c.shape[-2]))
+
+    return chunked_pieces(cols.shape[0], tuple(shape), cols, fill, request, "bmm", BMM_CHUNK_BYTES)
 
 
 register(ConvRule(1))

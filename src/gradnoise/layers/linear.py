@@ -31,6 +31,7 @@ from gradnoise.layers.registry import (
     Pieces,
     Request,
     batched_sq_norms,
+    chunked_pieces,
     gram_unsure,
     pieces_from_per_example,
     register,
@@ -44,8 +45,9 @@ __all__ = ["BMM_CHUNK_BYTES", "BMM_PASS_COST", "AddmmRule", "LinearRule", "choos
 # worth, times the passes bmm makes (sum, squared norm). Memory-bound passes cost tens of
 # multiply-adds per element on CPUs; benchmarks/engine_overhead.py measures both paths.
 BMM_PASS_COST = 24.0
-# Per-example gradients are materialized in batch chunks of at most this many bytes.
-BMM_CHUNK_BYTES = 256 * 2**20
+# Per-example gradients are materialized in batch chunks of at most this many bytes (see
+# registry.chunked_pieces); 256 MB chunks ran a ViT step 1.2x slower than 4-16 MB ones.
+BMM_CHUNK_BYTES = 32 * 2**20
 
 
 def choose_method(batch: int, seq: int, d_in: int, d_out: int, request: Request) -> str:
@@ -157,22 +159,12 @@ def _gram(acts: torch.Tensor, grads: torch.Tensor) -> Pieces:
 def _bmm(acts: torch.Tensor, grads: torch.Tensor, request: Request) -> Pieces:
     if request.materialize:
         return pieces_from_per_example(torch.bmm(grads.mT, acts), request, "bmm")
-    d_in = acts.shape[-1]
-    bytes_per_example = d_in * grads.shape[-1] * acts.element_size()
-    chunk = max(1, BMM_CHUNK_BYTES // bytes_per_example)
-    parts = [
-        settled(pieces_from_per_example(torch.bmm(g.mT, a), request, "bmm"), request)
-        for a, g in zip(acts.split(chunk), grads.split(chunk), strict=True)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return Pieces(
-        grad=sum(p.grad for p in parts),
-        sq_norms=torch.cat([p.sq_norms for p in parts]),
-        elem_sq=sum(p.elem_sq for p in parts) if request.elementwise else None,
-        per_example=None,
-        method="bmm",
-    )
+
+    def fill(start: int, stop: int, out: torch.Tensor) -> None:
+        torch.bmm(grads[start:stop].mT, acts[start:stop], out=out)
+
+    shape = (grads.shape[-1], acts.shape[-1])
+    return chunked_pieces(acts.shape[0], shape, acts, fill, request, "bmm", BMM_CHUNK_BYTES)
 
 
 class AddmmRule(BaseRule):
