@@ -403,14 +403,23 @@ def test_float32_gram_norms_of_cancelling_positions_are_refused_and_bmm_is_exact
     )
 
 
-@pytest.mark.parametrize("side", [1, 2])  # product, gram: both rebuild the summed gradient
-def test_a_layer_input_changed_after_backward_is_refused_when_moments_rebuild_from_it(side):
+@pytest.mark.parametrize(  # conv product and gram, linear product: all rebuild the summed gradient
+    "layer, shape, method",
+    [
+        (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 1, 1), "product"),
+        (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 2, 2), "gram"),
+        (lambda: nn.Linear(16, 16), (2, 16), "product"),
+    ],
+)
+def test_a_layer_input_changed_after_backward_is_refused_when_moments_rebuild_from_it(
+    layer, shape, method
+):
     torch.manual_seed(0)
-    model = nn.Conv2d(16, 16, 3, padding=1)
-    x = torch.randn(2, 16, side, side)
+    model = layer()
+    x = torch.randn(*shape)
     with GradStats(model) as stats:
         model(x).square().mean().backward()
-    assert stats.coverage()["weight"] == ("product" if side == 1 else "gram")
+    assert stats.coverage()["weight"] == method
     want = model.weight.grad.clone()
     torch.testing.assert_close(stats.moments()["weight"].grad_sum, want * 2)
     with GradStats(model) as stats:

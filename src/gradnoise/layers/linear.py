@@ -34,6 +34,7 @@ from gradnoise.layers.registry import (
     chunked_pieces,
     gram_unsure,
     pieces_from_per_example,
+    rebuilt,
     register,
     require_batched,
     settled,
@@ -143,7 +144,7 @@ def _product(acts, grads, request: Request, grads_sq: torch.Tensor | None = None
     elem_sq = grads.pow(2).T @ acts.pow(2) if request.elementwise else None
     # the factors are smaller than the gradient when B (d_in + d_out) < d_in d_out
     smaller = grads.numel() + acts.numel() < grad.numel()
-    recompute = (lambda: grads.T @ acts) if smaller else None
+    recompute = rebuilt(lambda: grads.T @ acts, acts) if smaller else None
     return Pieces(grad, sq_norms, elem_sq, None, "product", recompute)
 
 
