@@ -157,10 +157,12 @@ class Fused(torch.autograd.Function):
 
 def _input_grad(call: Call, grad_output: torch.Tensor) -> torch.Tensor:
     """The batched input's gradient, computed in the dtype the op ran in (as autocast does)."""
-    batched = call.bound[call.batched]
+    batched, bound = call.bound[call.batched], call.bound
+    if call.broadcast:  # as the op's output saw it: expanded over the batch (a conv needs that)
+        bound = {**bound, call.batched: batched.expand(grad_output.shape[0], *batched.shape[1:])}
     if call.uniform and grad_output.dtype == call.out_dtype:
-        return _summed_if_broadcast(call, call.rule.input_grad(call.bound, grad_output, call.roles))
-    bound = _cast_floats(call.bound, call.out_dtype)
+        return _summed_if_broadcast(call, call.rule.input_grad(bound, grad_output, call.roles))
+    bound = _cast_floats(bound, call.out_dtype)
     grad = call.rule.input_grad(bound, grad_output.to(call.out_dtype), call.roles)
     return _summed_if_broadcast(call, grad).to(batched.dtype)
 
