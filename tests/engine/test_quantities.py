@@ -20,6 +20,7 @@ from gradnoise import (
     trace_covariance,
     two_batch_estimates,
 )
+from gradnoise.stats import quantities
 from gradnoise.testing import LinearGaussian
 
 
@@ -115,6 +116,37 @@ def test_noise_scale_shortcut_equals_the_moments_formula():
     assert fast.b_simple == pytest.approx(slow.b_simple, rel=1e-10)
     per_layer = noise_scale_per_layer(stats.moments())
     assert per_layer["weight"].b_simple == pytest.approx(slow.b_simple, rel=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "weighted"])
+def test_layer_estimates_shortcut_equals_the_moments_formula(reduction):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    x, y = torch.randn(10, 4).double(), torch.randn(10, 3).double()
+    weights = torch.rand(10).double() + 0.5
+    with GradStats(model, loss_reduction=reduction) as stats:
+        losses = (model(x) - y).pow(2).sum(1)
+        if reduction == "weighted":
+            stats.set_example_weights(weights)
+            loss = (weights * losses).sum()
+        else:
+            loss = losses.mean() if reduction == "mean" else losses.sum()
+        loss.backward()
+    names, traces, sqs = stats.layer_estimates()
+    want_names, want_traces, want_sqs = quantities.layer_estimates(stats.moments())
+    assert names == want_names
+    torch.testing.assert_close(traces, want_traces, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sqs, want_sqs, rtol=1e-10, atol=1e-14)
+
+
+def test_layer_estimates_of_one_example_are_refused():
+    model = torch.nn.Linear(3, 2)
+    with GradStats(model) as stats:
+        model(torch.randn(1, 3)).sum().backward()
+    with pytest.raises(GradNoiseError, match=r"GradStats.layer_estimates: expected a batch of at"):
+        stats.layer_estimates()
 
 
 def test_undefined_noise_scale_is_nan_not_clipped():

@@ -20,7 +20,11 @@ from gradnoise.errors import GradNoiseError, NotReadyError, explain
 from gradnoise.layers.plan import Plan, plan_for
 from gradnoise.stats.accumulate import Accumulator, settle
 from gradnoise.stats.moments import GradMoments
-from gradnoise.stats.quantities import NoiseScaleEstimate, layer_estimates, noise_scale_from_sums
+from gradnoise.stats.quantities import (
+    NoiseScaleEstimate,
+    layer_estimates_from_sums,
+    noise_scale_from_sums,
+)
 from gradnoise.stats.recorder import Recorder
 
 __all__ = ["GradStats", "token_mean_weights"]
@@ -250,19 +254,42 @@ class GradStats:
     def moments(self) -> dict[str, GradMoments]:
         """Per-parameter :class:`GradMoments` of the per-example gradients of this batch."""
         if self._moments is None:
+            measured = self._measured()  # its checks come before the batch size is read
+            count, scale = self._count, self._scale  # each reads the weights: once per block
             self._moments = {
-                name: acc.moments(self._count, self._scale, self.elementwise)
-                for name, acc in self._measured().items()
+                name: acc.moments(count, scale, self.elementwise) for name, acc in measured.items()
             }
         return dict(self._moments)
 
     def layer_estimates(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Per parameter, the unbiased ``(names, tr Sigma, |G|^2)`` of this batch as float64
-        vectors (:func:`~gradnoise.stats.quantities.layer_estimates`; computed once per block,
-        for the running noise scale and the monitor's record alike)."""
+        vectors, the numbers of :func:`~gradnoise.stats.quantities.layer_estimates` on
+        :meth:`moments` (computed once per block, for the running noise scale and the monitor's
+        record alike). Like :meth:`noise_scale` it reads two scalars per parameter, so no
+        gradient-sized record is built: this runs on every measured step."""
         if self._estimates is None:
-            self._estimates = layer_estimates(self.moments())
+            names, sq_norm_sums, sum_sq_norms = self._norm_sums()
+            count, squared_scale = self._count, self._scale**2
+            _require_batch(count, "GradStats.layer_estimates")
+            traces, grad_sqs = layer_estimates_from_sums(
+                count, sq_norm_sums * squared_scale, sum_sq_norms * squared_scale
+            )
+            self._estimates = (names, traces, grad_sqs)
         return self._estimates
+
+    def _norm_sums(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Per parameter, float64 ``sum_i ||g_i||^2`` and ``||sum_i g_i||^2`` in autograd's
+        scale."""
+        measured = self._measured()
+        names, rows = self._sq_norm_rows()
+        if isinstance(rows, torch.Tensor):
+            sq_norm_sums = rows.sum(1).to(torch.float64)
+        else:
+            sq_norm_sums = torch.stack([row.sum().to(torch.float64) for row in rows])
+        sum_sq_norms = torch.stack(
+            [acc.grad_sq_norm().to(torch.float64) for acc in measured.values()]
+        )
+        return names, sq_norm_sums, sum_sq_norms
 
     def per_example_sq_norms(self) -> dict[str, torch.Tensor]:
         """Per-parameter ``(B,)`` tensors of squared per-example gradient norms."""
@@ -294,16 +321,11 @@ class GradStats:
         norm of the summed gradient), so it builds no moments: the same numbers as
         ``gradient_noise_scale(stats.moments())``.
         """
-        measured = self._measured()
-        _, rows = self._sq_norm_rows()
-        if isinstance(rows, torch.Tensor):
-            sq_norm_sum = rows.sum(1).sum()
-        else:
-            sq_norm_sum = torch.stack([row.sum() for row in rows]).sum()
-        sum_sq_norm = torch.stack([acc.grad_sq_norm() for acc in measured.values()]).sum()
-        _require_batch(self._count)
+        _, sq_norm_sums, sum_sq_norms = self._norm_sums()
+        count, squared_scale = self._count, self._scale**2
+        _require_batch(count, "GradStats.noise_scale")
         return noise_scale_from_sums(
-            self._count, sq_norm_sum * self._scale**2, sum_sq_norm * self._scale**2
+            count, sq_norm_sums.sum() * squared_scale, sum_sq_norms.sum() * squared_scale
         )
 
     def coverage(self) -> dict[str, str]:
@@ -405,11 +427,11 @@ def _dynamo_has_compiled() -> bool:
     return dynamo_utils is not None and bool(dynamo_utils.counters["frames"])
 
 
-def _require_batch(batch: int) -> None:
+def _require_batch(batch: int | float, where: str) -> None:
     if batch < 2:
         raise GradNoiseError(
             explain(
-                "GradStats.noise_scale",
+                where,
                 expected="a batch of at least 2 examples (a variance needs two samples)",
                 got=f"batch size {batch}",
                 fix="use a batch size of 2 or more, or merge several steps' moments first",

@@ -35,6 +35,7 @@ __all__ = [
     "gradient_noise_scale",
     "gsnr",
     "layer_estimates",
+    "layer_estimates_from_sums",
     "layer_gsnr",
     "noise_scale_from_sums",
     "noise_scale_per_layer",
@@ -192,6 +193,17 @@ def noise_scale_from_sums(
     trace = _trace_from_sums(n, sq_norm_sum, sum_sq_norm)
     grad_sq = sum_sq_norm / n**2 - trace / n
     return _estimate(trace, grad_sq, n)
+
+
+def layer_estimates_from_sums(
+    n: int | float, sq_norm_sums: torch.Tensor, sum_sq_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-parameter ``(tr Sigma, |G|^2)`` float64 vectors from the vectors of
+    :math:`\sum_i\|g_i\|^2` and :math:`\|\sum_i g_i\|^2` (the formulas of
+    :func:`noise_scale_from_sums`, elementwise)."""
+    sq_norm_sums, sum_sq_norms = _as64(sq_norm_sums), _as64(sum_sq_norms)
+    trace = _trace_from_sums(n, sq_norm_sums, sum_sq_norms)
+    return trace, sum_sq_norms / n**2 - trace / n
 
 
 def layer_estimates(
