@@ -161,13 +161,12 @@ def run(spec: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (steps + 1) / WARMUP)
         optimizer.zero_grad()
-        micro_batches = batch // MICRO if controller is not None else 1
-        for _ in range(micro_batches):
-            size = MICRO if controller is not None else batch
-            tokens = task.language.sample(size, CONTEXT, generator=stream)
-            if controller is None:
-                window_loss(model, tokens).backward()
-                continue
+        # the step's windows are drawn at once, as for a fixed batch, then accumulated
+        step_tokens = task.language.sample(batch, CONTEXT, generator=stream)
+        if controller is None:
+            window_loss(model, step_tokens).backward()
+        micro_batches = batch // MICRO
+        for tokens in step_tokens.split(MICRO) if controller is not None else ():
             # the step's loss is the mean over all its windows: each window weighs 1 / batch
             with GradStats(model, loss_reduction="weighted") as stats:
                 stats.set_example_weights(torch.full((MICRO,), 1.0 / batch))
@@ -364,7 +363,37 @@ def run_all(specs: list[dict], jobs: int) -> list[dict]:
     if jobs == 1:
         return [run(s) for s in specs]
     with get_context("spawn").Pool(jobs) as pool:
-        return pool.map(run, specs)
+        return pool.map(run, specs, chunksize=1)  # one run at a time: no idle worker at the end
+
+
+def tuning_settings(cfg: dict) -> dict:
+    """What the tuned rates depend on (change the model or the task: run with --retune)."""
+    keys = ("batches", "grid", "budget", "eval_every")
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in keys} | {
+        "lr0": LR0,
+        "b0": B0,
+        "seed": TUNING_SEED,
+        "warmup": WARMUP,
+        "torch": torch.__version__,
+    }
+
+
+def load_tuning(tuning: list[dict], cfg: dict, args) -> list[dict]:
+    """The tuning runs' final curve points from the cache when its settings match, else run."""
+    path = OUT / "adaptive_batch_tuning.json"
+    args.tuning_was_cached = False
+    if not (args.quick or args.retune) and path.exists():
+        cached = json.loads(path.read_text())
+        if cached["settings"] == tuning_settings(cfg):
+            print(f"tuned rates from {path} (--retune to tune again)")
+            args.tuning_was_cached = True
+            return cached["runs"]
+    tuned = run_all(tuning, args.jobs)
+    if not args.quick:
+        runs = [{k: t[k] for k in ("batch", "lr", "grid", "curve")} for t in tuned]
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": tuning_settings(cfg), "runs": runs}, indent=1))
+    return tuned
 
 
 def reanalyse(path: Path) -> None:
@@ -389,7 +418,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reanalyse", type=Path, help="a saved JSON: recompute its analysis")
+    parser.add_argument("--retune", action="store_true", help="tune even if a cache matches")
     args = parser.parse_args()
+    args.tuning_was_cached = False
     if args.reanalyse is not None:
         reanalyse(args.reanalyse)
         return
@@ -408,7 +439,8 @@ def main() -> None:
         for b in cfg["batches"]
         for g in cfg["grid"]
     ]
-    tuned = run_all(tuning, args.jobs) if len(cfg["grid"]) > 1 else tuning
+    tuned = load_tuning(tuning, cfg, args) if len(cfg["grid"]) > 1 else tuning
+    tuning_seconds = time.perf_counter() - start
     rates = {}
     for b in cfg["batches"]:
         candidates = [t for t in tuned if t["batch"] == b]
@@ -424,7 +456,7 @@ def main() -> None:
         for m in cfg["multiples"]
         for s in cfg["arm_seeds"]
     ] + [{"kind": "sqrt", "seed": s, "rates": rates, "cfg": cfg} for s in cfg["arm_seeds"]]
-    results = run_all(fixed_specs + arm_specs, args.jobs)
+    results = run_all(arm_specs + fixed_specs, args.jobs)  # the long runs first
     fixed: dict[int, list[dict]] = {}
     arms: dict[str, list[dict]] = {}
     for r in results:
@@ -445,6 +477,8 @@ def main() -> None:
         "analysis": analyse(fixed, arms, cfg),
         "runs": results,
         "seconds": time.perf_counter() - start,
+        "tuning_seconds": tuning_seconds,
+        "tuning_cached": args.tuning_was_cached,
         "torch": torch.__version__,
     }
     suffix = "_quick" if args.quick else ""
