@@ -30,7 +30,8 @@ and <= 1.10x the examples of B = 8 (Merrill et al.'s warm-up claim, as the issue
 and where its (S, E) point lies against the frontier fitted at that target: McCandlish's curve
 is (S / S_min - 1)(E / E_min - 1) = 1, so a value <= 1 is on or beyond it.
 
-    python benchmarks/adaptive_batch.py            # full: ~15 min on 2 cores
+    python benchmarks/adaptive_batch.py            # full: 16 min on 2 cores, tuning cached
+    python benchmarks/adaptive_batch.py --retune   # tune the rates again (+2.5 min)
     python benchmarks/adaptive_batch.py --quick    # 3 batch sizes, 1 seed, small budget
 
 Writes benchmarks/results/adaptive_batch[_quick].json and .png.

@@ -201,7 +201,7 @@ def scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
         buffers = _scratch.buffers = {}
     buffer = buffers.get(like.dtype)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
+        buffer = buffers[like.dtype] = torch.empty(numel, dtype=like.dtype, device="cpu")
     return buffer[:numel]
 
 
