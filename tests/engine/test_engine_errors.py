@@ -1,5 +1,6 @@
 """Every error GradStats raises, and the promise that hooks never outlive the block."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -429,3 +430,28 @@ def test_a_layer_input_changed_after_backward_is_refused_when_moments_rebuild_fr
     assert torch.isfinite(norms).all()
     with pytest.raises(GradNoiseError, match="layer input changed in place after backward"):
         stats.moments()
+
+
+def test_noise_statistics_do_not_read_a_layer_input_after_backward():
+    """An input buffer refilled behind autograd's back (NumPy memory: no version bump) after
+    backward leaves the norms, the noise scale and the layer estimates as they were (only
+    ``moments()`` rebuilds from the input; the README says so)."""
+
+    def measured(refill: bool):
+        torch.manual_seed(0)
+        model = nn.Linear(64, 256).double()  # B (d_in + d_out) < d_in d_out: product rebuilds
+        buffer = np.random.default_rng(0).standard_normal((8, 64))
+        with GradStats(model) as stats:
+            model(torch.from_numpy(buffer)).pow(2).mean().backward()
+        assert stats.coverage()["weight"] == "product"
+        if refill:
+            buffer[:] = np.random.default_rng(1).standard_normal((8, 64))
+        _, traces, grad_sqs = stats.layer_estimates()
+        return traces, grad_sqs, stats.noise_scale().b_simple, stats.per_example_sq_norms()
+
+    kept, refilled = measured(False), measured(True)
+    torch.testing.assert_close(refilled[0], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(refilled[1], kept[1], rtol=0, atol=0)
+    assert refilled[2] == kept[2]
+    for name in kept[3]:
+        torch.testing.assert_close(refilled[3][name], kept[3][name], rtol=0, atol=0)
