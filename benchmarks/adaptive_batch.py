@@ -166,13 +166,13 @@ def run(spec: dict) -> dict:
         step_tokens = task.language.sample(batch, CONTEXT, generator=stream)
         if controller is None:
             window_loss(model, step_tokens).backward()
-        micro_batches = batch // MICRO
-        for tokens in step_tokens.split(MICRO) if controller is not None else ():
-            # the step's loss is the mean over all its windows: each window weighs 1 / batch
-            with GradStats(model, loss_reduction="weighted") as stats:
-                stats.set_example_weights(torch.full((MICRO,), 1.0 / batch))
-                (window_loss(model, tokens) / micro_batches).backward()
-            noise.update(stats)
+        else:
+            for tokens in step_tokens.split(MICRO):
+                # the step's loss is the mean over all its windows: each window weighs 1 / batch
+                with GradStats(model, loss_reduction="weighted") as stats:
+                    stats.set_example_weights(torch.full((MICRO,), 1.0 / batch))
+                    (window_loss(model, tokens) / (batch // MICRO)).backward()
+                noise.update(stats)
         optimizer.step()
         if controller is not None:
             controller.update(noise.estimate())
@@ -379,22 +379,21 @@ def tuning_settings(cfg: dict) -> dict:
     }
 
 
-def load_tuning(tuning: list[dict], cfg: dict, args) -> list[dict]:
-    """The tuning runs' final curve points from the cache when its settings match, else run."""
+def load_tuning(tuning: list[dict], cfg: dict, args) -> tuple[list[dict], bool]:
+    """The tuning runs (with their curves) and whether they came from the cache, which is used
+    when its settings match, else the runs are made (and cached, in the full mode)."""
     path = OUT / "adaptive_batch_tuning.json"
-    args.tuning_was_cached = False
     if not (args.quick or args.retune) and path.exists():
         cached = json.loads(path.read_text())
         if cached["settings"] == tuning_settings(cfg):
             print(f"tuned rates from {path} (--retune to tune again)")
-            args.tuning_was_cached = True
-            return cached["runs"]
+            return cached["runs"], True
     tuned = run_all(tuning, args.jobs)
     if not args.quick:
         runs = [{k: t[k] for k in ("batch", "lr", "grid", "curve")} for t in tuned]
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": tuning_settings(cfg), "runs": runs}, indent=1))
-    return tuned
+    return tuned, False
 
 
 def reanalyse(path: Path) -> None:
@@ -421,7 +420,6 @@ def main() -> None:
     parser.add_argument("--reanalyse", type=Path, help="a saved JSON: recompute its analysis")
     parser.add_argument("--retune", action="store_true", help="tune even if a cache matches")
     args = parser.parse_args()
-    args.tuning_was_cached = False
     if args.reanalyse is not None:
         reanalyse(args.reanalyse)
         return
@@ -440,7 +438,9 @@ def main() -> None:
         for b in cfg["batches"]
         for g in cfg["grid"]
     ]
-    tuned = load_tuning(tuning, cfg, args) if len(cfg["grid"]) > 1 else tuning
+    tuned, tuning_cached = (
+        load_tuning(tuning, cfg, args) if len(cfg["grid"]) > 1 else (tuning, False)
+    )
     tuning_seconds = time.perf_counter() - start
     rates = {}
     for b in cfg["batches"]:
@@ -479,7 +479,7 @@ def main() -> None:
         "runs": results,
         "seconds": time.perf_counter() - start,
         "tuning_seconds": tuning_seconds,
-        "tuning_cached": args.tuning_was_cached,
+        "tuning_cached": tuning_cached,
         "torch": torch.__version__,
     }
     suffix = "_quick" if args.quick else ""

@@ -189,9 +189,7 @@ def noise_scale_from_sums(
     already inf (float32 per-example norms above ~1.8e19) or 0 by underflow cannot be repaired
     here: keep such records in float64 (``GradMoments.to(torch.float64)`` before they overflow).
     """
-    sq_norm_sum, sum_sq_norm = _as64(sq_norm_sum), _as64(sum_sq_norm)
-    trace = _trace_from_sums(n, sq_norm_sum, sum_sq_norm)
-    grad_sq = sum_sq_norm / n**2 - trace / n
+    trace, grad_sq = layer_estimates_from_sums(n, sq_norm_sum, sum_sq_norm)
     return _estimate(trace, grad_sq, n)
 
 
@@ -199,8 +197,8 @@ def layer_estimates_from_sums(
     n: int | float, sq_norm_sums: torch.Tensor, sum_sq_norms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-parameter ``(tr Sigma, |G|^2)`` float64 vectors from the vectors of
-    :math:`\sum_i\|g_i\|^2` and :math:`\|\sum_i g_i\|^2` (the formulas of
-    :func:`noise_scale_from_sums`, elementwise)."""
+    :math:`\sum_i\|g_i\|^2` and :math:`\|\sum_i g_i\|^2`, elementwise (the formulas of
+    :func:`noise_scale_from_sums`, which calls it on whole-model sums)."""
     sq_norm_sums, sum_sq_norms = _as64(sq_norm_sums), _as64(sum_sq_norms)
     trace = _trace_from_sums(n, sq_norm_sums, sum_sq_norms)
     return trace, sum_sq_norms / n**2 - trace / n
